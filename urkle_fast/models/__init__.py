@@ -1,0 +1,141 @@
+"""Models and the protocol every checkpoint follows (what eval relies on).
+
+Every model is an nn.Module with ``kind`` in {"representation", "supervised"} and takes x in [0, 1]
+NCHW (pixel normalisation happens inside, so attack epsilons are in [0, 1] pixels).
+
+* representation: ``encode(x) -> (mu, logvar)``, each [B, d_z] (p(z|x)); ``d_z``; ``deterministic``
+  (True for the auto-encoder of AE+TRADES: logvar is the constant DETERMINISTIC_LOGVAR, so sampling
+  returns mu up to 5e-5); ``sample(mu, logvar)``; SimCLR-type models also ``project(z)``,
+  VAE / AE models also ``decode(z)`` (pixel means in [0, 1]) and ``decode_logits(z)``.
+* supervised: ``logits(x) -> [B, num_classes]``; ``forward = logits``.
+
+``build_model(config)`` rebuilds a model from a training config dict (checkpoint["config"]).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from .backbones import DigitsConv, DigitsDecoder, MNISTConv, MNISTDecoder, resnet
+from .heads import GaussianHead, Normalize, Projector
+
+__all__ = [
+    "RepresentationModel", "SupervisedModel", "GaussianHead", "Projector", "Normalize", "build_model",
+    "METHOD_FAMILY", "DEFAULT_ARCH", "DETERMINISTIC_LOGVAR",
+]
+
+DETERMINISTIC_LOGVAR = -20.0  # sigma = exp(-10) ~ 4.5e-5: z = mu for every practical purpose
+
+# which model each training method needs
+METHOD_FAMILY = {
+    "simclr_urkle": "contrastive", "simclr": "contrastive", "rocl": "contrastive",
+    "vae_urkle": "vae", "ae_trades": "ae",
+    "standard": "supervised", "at": "supervised", "trades": "supervised",
+}
+DEFAULT_ARCH = {"digits": "digits_conv", "mnist": "mnist_conv", "cifar10": "resnet18",
+                "cifar100": "resnet50", "folder": "resnet50", "imagenet": "resnet50"}
+
+
+def _backbone(arch: str, in_channels: int, stem: str) -> tuple[nn.Module, int]:
+    if arch == "resnet18":
+        return resnet(18, in_channels, stem)
+    if arch == "resnet50":
+        return resnet(50, in_channels, stem)
+    if arch == "mnist_conv":
+        return MNISTConv(in_channels), MNISTConv.feat_dim
+    if arch == "digits_conv":
+        return DigitsConv(in_channels), DigitsConv.feat_dim
+    raise ValueError(f"unknown arch {arch!r}; expected resnet18, resnet50, mnist_conv or digits_conv")
+
+
+class RepresentationModel(nn.Module):
+    """Encoder x -> p(z|x) = N(mu, diag(exp(logvar))), with an optional projector or decoder."""
+
+    kind = "representation"
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, d_z: int, mean, std, *, variance: str = "softplus",
+                 sigma_min: float = 1e-2, projector: Optional[nn.Module] = None,
+                 decoder: Optional[nn.Module] = None, deterministic: bool = False):
+        super().__init__()
+        self.d_z, self.deterministic = d_z, deterministic
+        self.normalize = Normalize(mean, std)
+        self.backbone = backbone
+        self.head = nn.Linear(feat_dim, d_z) if deterministic else GaussianHead(feat_dim, d_z, variance, sigma_min)
+        self.projector = projector
+        self.decoder = decoder
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, C, H, W] in [0, 1] -> (mu, logvar), each [B, d_z]."""
+        h = self.backbone(self.normalize(x)).flatten(1)
+        if self.deterministic:
+            mu = self.head(h)
+            return mu, torch.full_like(mu, DETERMINISTIC_LOGVAR)
+        return self.head(h)
+
+    forward = encode
+
+    @staticmethod
+    def sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """Reparameterised z = mu + sigma * eps."""
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        if self.projector is None:
+            raise AttributeError("this model has no projector (not a SimCLR-type model)")
+        return self.projector(z)
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        if self.decoder is None:
+            raise AttributeError("this model has no decoder (not a VAE / AE)")
+        return self.decoder(z)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, d_z] -> reconstruction (Bernoulli means) [B, C, H, W] in [0, 1]."""
+        return torch.sigmoid(self.decode_logits(z))
+
+
+class SupervisedModel(nn.Module):
+    """Classifier x -> logits; the backbone is the same as the representation models'."""
+
+    kind = "supervised"
+
+    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, mean, std):
+        super().__init__()
+        self.num_classes = num_classes
+        self.normalize = Normalize(mean, std)
+        self.backbone = backbone
+        self.classifier = nn.Linear(feat_dim, num_classes)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(self.normalize(x)).flatten(1))
+
+    forward = logits
+
+
+def build_model(config: Mapping[str, Any]) -> nn.Module:
+    """Build the model a training config describes (keys: method, arch, stem, in_channels,
+    num_classes, d_z, variance, sigma_min, proj_hidden, proj_dim, pixel_mean, pixel_std)."""
+    method = config["method"]
+    if method not in METHOD_FAMILY:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHOD_FAMILY)}")
+    family = METHOD_FAMILY[method]
+    arch = config.get("arch") or DEFAULT_ARCH[config["dataset"]]
+    in_ch = int(config.get("in_channels", 3))
+    mean, std = config["pixel_mean"], config["pixel_std"]
+    backbone, feat_dim = _backbone(arch, in_ch, config.get("stem", "cifar"))
+    if family == "supervised":
+        return SupervisedModel(backbone, feat_dim, int(config["num_classes"]), mean, std)
+    d_z = int(config["d_z"])
+    kw = dict(variance=config.get("variance", "softplus"), sigma_min=float(config.get("sigma_min", 1e-2)))
+    if family == "contrastive":
+        proj = Projector(d_z, int(config["proj_hidden"]), int(config["proj_dim"]))
+        return RepresentationModel(backbone, feat_dim, d_z, mean, std, projector=proj, **kw)
+    decoders = {"mnist_conv": MNISTDecoder, "digits_conv": DigitsDecoder}
+    if arch not in decoders:
+        raise ValueError(f"method {method!r} needs a decoder; available for arch mnist_conv or digits_conv, not {arch!r}")
+    decoder = decoders[arch](d_z, in_ch)
+    return RepresentationModel(backbone, feat_dim, d_z, mean, std, decoder=decoder,
+                               deterministic=(family == "ae"), **kw)

@@ -1,0 +1,181 @@
+"""Fused op 3: multi-positive NT-Xent over V views, without the N x N logits in the fused kernels.
+
+reference -> registered ops (``urkle_fast::nt_xent_fwd``, ``urkle_fast::nt_xent_bwd``) -> public
+``nt_xent()``. SPEC section 4; calling convention (rows vs gathered columns with a row offset):
+docs/KERNEL_CONTRACT.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from urkle_fast import _backend
+from urkle_fast.ops._checks import check_choice, check_finite, check_number, check_tensor
+
+DENOMINATORS = {"all": 0, "negatives": 1}
+_FN = "nt_xent"
+_NORM_FLOOR = 1e-12
+
+
+def _acc(t: Tensor) -> Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _masks(n: int, N: int, views: int, denominator: int, row_offset: int, device):
+    B = N // views
+    gi = torch.arange(row_offset, row_offset + n, device=device)[:, None]
+    k = torch.arange(N, device=device)[None, :]
+    same_image = (gi % B) == (k % B)
+    diag = gi == k
+    pos = same_image & ~diag
+    den = ~diag if denominator == 0 else ~same_image
+    return pos, den
+
+
+def nt_xent_rows_reference(z_rows: Tensor, z_cols: Tensor, views: int, temperature: float, denominator: int,
+                           row_offset: int) -> tuple[Tensor, Tensor]:
+    """Materialising reference of the kernel contract: (loss_rows, lse), each [n], float32 (float64 in).
+
+    ``loss_rows_i = (V-1) * lse_i - sum_{p in P(i)} s_ip``; differentiable by autograd.
+    """
+    u_r = F.normalize(_acc(z_rows), dim=1, eps=_NORM_FLOOR)
+    u_c = F.normalize(_acc(z_cols), dim=1, eps=_NORM_FLOOR)
+    s = u_r @ u_c.T / temperature
+    pos, den = _masks(z_rows.shape[0], z_cols.shape[0], views, denominator, row_offset, z_rows.device)
+    lse = torch.logsumexp(s.masked_fill(~den, float("-inf")), dim=1)
+    loss_rows = (views - 1) * lse - (s * pos).sum(1)
+    return loss_rows, lse
+
+
+def nt_xent_rows_backward_reference(grad_rows: Tensor, z_rows: Tensor, z_cols: Tensor, lse: Tensor, views: int,
+                                    temperature: float, denominator: int, row_offset: int) -> tuple[Tensor, Tensor]:
+    """Materialising reference of the kernel backward (explicit G, not autograd): (dz_rows, dz_cols)."""
+    zr, zc = _acc(z_rows), _acc(z_cols)
+    nr = zr.norm(dim=1, keepdim=True).clamp_min(_NORM_FLOOR)
+    nc = zc.norm(dim=1, keepdim=True).clamp_min(_NORM_FLOOR)
+    u_r, u_c = zr / nr, zc / nc
+    s = u_r @ u_c.T / temperature
+    pos, den = _masks(z_rows.shape[0], z_cols.shape[0], views, denominator, row_offset, z_rows.device)
+    c = _acc(grad_rows)[:, None]
+    p = torch.exp(s - _acc(lse)[:, None]) * den
+    G = c * ((views - 1) * p - pos.to(p.dtype))
+    du_r = G @ u_c / temperature
+    du_c = G.T @ u_r / temperature
+    dz_r = (du_r - u_r * (u_r * du_r).sum(1, keepdim=True)) / nr
+    dz_c = (du_c - u_c * (u_c * du_c).sum(1, keepdim=True)) / nc
+    return dz_r.to(z_rows.dtype), dz_c.to(z_cols.dtype)
+
+
+def nt_xent_reference(z: Tensor, *, views: int, temperature: float = 0.5, denominator: str = "all") -> Tensor:
+    """Pure-torch multi-view NT-Xent of SPEC section 4 (materialises the N x N logits)."""
+    z2 = z.reshape(-1, z.shape[-1])
+    loss_rows, _ = nt_xent_rows_reference(z2, z2, views, temperature, DENOMINATORS[denominator], 0)
+    return loss_rows.sum() / (z2.shape[0] * (views - 1))
+
+
+def _backend_for(t: Tensor) -> str:
+    return "reference" if t.dtype == torch.float64 else _backend.select("nt_xent", t.device)
+
+
+@torch.library.triton_op("urkle_fast::nt_xent_fwd", mutates_args=())
+def _nt_xent_fwd_op(z_rows: Tensor, z_cols: Tensor, views: int, temperature: float, denominator: int,
+                    row_offset: int) -> tuple[Tensor, Tensor]:
+    backend = _backend_for(z_rows)
+    if backend == "triton":
+        return _backend.kernels_module("nt_xent").nt_xent_fwd(z_rows, z_cols, views, temperature, denominator,
+                                                              row_offset, launch=torch.library.wrap_triton)
+    if backend == "native":
+        return tuple(torch.ops.urkle_fast.nt_xent_fwd_native(z_rows, z_cols, views, temperature, denominator,
+                                                             row_offset))
+    with torch.no_grad():
+        return nt_xent_rows_reference(z_rows, z_cols, views, temperature, denominator, row_offset)
+
+
+@torch.library.triton_op("urkle_fast::nt_xent_bwd", mutates_args=())
+def _nt_xent_bwd_op(grad_rows: Tensor, z_rows: Tensor, z_cols: Tensor, lse: Tensor, views: int, temperature: float,
+                    denominator: int, row_offset: int) -> tuple[Tensor, Tensor]:
+    backend = _backend_for(z_rows)
+    if backend == "triton":
+        return _backend.kernels_module("nt_xent").nt_xent_bwd(grad_rows, z_rows, z_cols, lse, views, temperature,
+                                                              denominator, row_offset,
+                                                              launch=torch.library.wrap_triton)
+    if backend == "native":
+        return tuple(torch.ops.urkle_fast.nt_xent_bwd_native(grad_rows, z_rows, z_cols, lse, views, temperature,
+                                                             denominator, row_offset))
+    return nt_xent_rows_backward_reference(grad_rows, z_rows, z_cols, lse, views, temperature, denominator,
+                                           row_offset)
+
+
+def _setup_context(ctx, inputs, output):
+    z_rows, z_cols, views, temperature, denominator, row_offset = inputs
+    _, lse = output
+    ctx.save_for_backward(z_rows, z_cols, lse)
+    ctx.args = (views, temperature, denominator, row_offset)
+
+
+def _backward(ctx, grad_rows, grad_lse):
+    # lse is a saved statistic, not a differentiable output; a gradient flowing into it is refused
+    # rather than silently dropped.
+    if grad_lse is not None and not torch.compiler.is_compiling() and bool((grad_lse != 0).any()):
+        raise RuntimeError("urkle_fast::nt_xent_fwd: the lse output is not differentiable")
+    z_rows, z_cols, lse = ctx.saved_tensors
+    if grad_rows is None:
+        grad_rows = torch.zeros_like(lse)
+    dz_rows, dz_cols = torch.ops.urkle_fast.nt_xent_bwd(grad_rows.contiguous(), z_rows, z_cols, lse, *ctx.args)
+    return dz_rows, dz_cols, None, None, None, None
+
+
+_nt_xent_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+if _backend.native_ops_present():
+    @torch.library.register_fake("urkle_fast::nt_xent_fwd_native")
+    def _(z_rows, z_cols, views, temperature, denominator, row_offset):
+        n = z_rows.shape[0]
+        return z_rows.new_empty((n,), dtype=torch.float32), z_rows.new_empty((n,), dtype=torch.float32)
+
+    @torch.library.register_fake("urkle_fast::nt_xent_bwd_native")
+    def _(grad_rows, z_rows, z_cols, lse, views, temperature, denominator, row_offset):
+        return torch.empty(z_rows.shape, dtype=z_rows.dtype, device=z_rows.device), \
+            torch.empty(z_cols.shape, dtype=z_cols.dtype, device=z_cols.device)
+
+
+def check_nt_xent_args(fn: str, z: Tensor, views, temperature, denominator) -> tuple[int, int, int]:
+    """Validate and return (N, B, d) for a [V, B, d] or view-major [V*B, d] input."""
+    check_tensor(fn, "z", z, ndim=(2, 3))
+    if isinstance(views, bool) or not isinstance(views, int):
+        raise TypeError(f"{fn}: views must be an int, got {type(views).__name__} {views!r}")
+    if views < 2:
+        raise ValueError(f"{fn}: views must be >= 2 (each row needs a positive), got {views}")
+    check_number(fn, "temperature", temperature, minimum=0.0, strict=True)
+    check_choice(fn, "denominator", denominator, tuple(DENOMINATORS))
+    if z.dim() == 3 and z.shape[0] != views:
+        raise ValueError(f"{fn}: z of shape [V, B, d] must have V == views == {views}, got shape {tuple(z.shape)}")
+    N, d = (z.shape[0] * z.shape[1], z.shape[2]) if z.dim() == 3 else tuple(z.shape)
+    if N == 0 or d == 0:
+        raise ValueError(f"{fn}: z must not be empty, got shape {tuple(z.shape)}")
+    if N % views != 0:
+        raise ValueError(f"{fn}: views must divide the number of rows N, got N={N}, views={views}")
+    B = N // views
+    if denominator == "negatives" and B < 2:
+        raise ValueError(f"{fn}: denominator='negatives' needs at least 2 images (B >= 2), got B={B}")
+    return N, B, d
+
+
+def nt_xent(z: Tensor, *, views: int, temperature: float = 0.5, denominator: str = "all") -> Tensor:
+    """Multi-positive NT-Xent (SPEC section 4) of V views of B images.
+
+    Args:
+        z: [V, B, d] or view-major [V*B, d] (row v*B + b is view v of image b); float32, bfloat16,
+            float16 (float64 runs the reference). Any strides.
+        views: V >= 2. temperature: tau > 0. denominator: "all" (SimCLR for V=2) or "negatives" (Eq. 9).
+    Returns:
+        float32 scalar ``1/(N (V-1)) * sum_i sum_{p in P(i)} [log D_i - s_ip]``.
+    """
+    N, _, d = check_nt_xent_args(_FN, z, views, temperature, denominator)
+    check_finite(_FN, {"z": z})
+    z2 = z.reshape(N, d)
+    loss_rows, _ = torch.ops.urkle_fast.nt_xent_fwd(z2, z2, views, float(temperature),
+                                                    DENOMINATORS[denominator], 0)
+    return loss_rows.sum() / (N * (views - 1))

@@ -74,6 +74,8 @@ def not_supported_reasons(backend: str, op: str, device_type: str) -> list[str]:
     reasons: list[str] = []
     if backend == "reference":
         return reasons
+    if device_type == "cuda" and not torch.cuda.is_available():
+        reasons.append("no CUDA device is visible (torch.cuda.is_available() is False)")
     if backend == "native":
         if _C is None:
             reasons.append(f"urkle_fast._C failed to import ({_C_ERROR}); rebuild with "
@@ -165,6 +167,24 @@ def _select_cached(op: str, device_type: str, forced: Optional[str], env: Option
 def select(op: str, device: torch.device) -> str:
     """The backend that runs ``op`` for tensors on ``device``."""
     return _select_cached(op, torch.device(device).type, _forced, _env_backend())
+
+
+def select_for(op: str, t: torch.Tensor) -> str:
+    """The backend for an op whose first tensor argument is ``t``.
+
+    float64 (the gradcheck dtype) runs the reference. Under TRITON_INTERPRET=1, wrap_triton hands back
+    the raw kernel, which would run the interpreter on fake tensors; tracing then follows the
+    reference, whose outputs have the same metadata.
+    """
+    if t.dtype == torch.float64:
+        return "reference"
+    name = select(op, t.device)
+    if name == "triton" and interpreting():
+        from torch._subclasses.fake_tensor import is_fake
+
+        if is_fake(t):
+            return "reference"
+    return name
 
 
 def table() -> list[dict]:

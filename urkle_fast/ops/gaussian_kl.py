@@ -53,8 +53,7 @@ def _reference_bwd(grad, mu_p, logvar_p, mu_q, logvar_q, reduction: int):
 
 
 def _backend_for(t: Tensor) -> str:
-    # float64 is the gradcheck dtype: only the reference takes it
-    return "reference" if t.dtype == torch.float64 else _backend.select("gaussian_kl", t.device)
+    return _backend.select_for("gaussian_kl", t)
 
 
 @torch.library.triton_op("urkle_fast::gaussian_kl", mutates_args=())

@@ -58,7 +58,7 @@ def pgd_random_start_reference(x: Tensor, eps: float, *, lo: float = 0.0, hi: fl
 
 
 def _backend_for(t: Tensor) -> str:
-    return "reference" if t.dtype == torch.float64 else _backend.select("pgd", t.device)
+    return _backend.select_for("pgd", t)
 
 
 @torch.library.triton_op("urkle_fast::pgd_step_linf_", mutates_args={"x_adv"})

@@ -1,0 +1,143 @@
+// PGD steps, CPU, in place on x_adv (SPEC section 3, docs/KERNEL_CONTRACT.md).
+//
+// The three tensors are walked as one flat range of memory whenever they share a dense layout
+// (contiguous, channels_last or any other permutation): an elementwise step does not care about the
+// logical order. Otherwise the step runs on contiguous copies and is copied back into x_adv.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "checks.h"
+#include "vec_kernels.h"
+
+namespace urkle_fast::cpu {
+namespace {
+
+constexpr int64_t kGrain = 32768;  // elements per task: ~100 us of work, amortises the thread wake-up
+
+void check_inputs(const char* fn, const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_orig,
+                  double alpha, double eps, double lo, double hi) {
+  check_defined(fn, "x_adv", x_adv);
+  check_device(fn, "x_adv", x_adv, c10::DeviceType::CPU);
+  check_float_dtype(fn, "x_adv", x_adv);
+  check_like(fn, "x_adv", x_adv, "grad", grad);
+  check_like(fn, "x_adv", x_adv, "x_orig", x_orig);
+  TORCH_CHECK(std::isfinite(alpha), fn, ": alpha must be finite, got ", alpha);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, fn, ": eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK(!(lo > hi), fn, ": lo must be <= hi, got lo=", lo, ", hi=", hi);
+}
+
+// `t` in the memory layout of the dense tensor `like` (no copy when it already is)
+at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
+  if (t.strides() == like.strides()) {
+    return t;
+  }
+  return at::empty_like(like).copy_(t);
+}
+
+// True when every sample (index of dim 0) is one contiguous block of the flat memory.
+bool samples_are_blocks(const at::Tensor& t) {
+  if (!t.is_non_overlapping_and_dense()) return false;
+  if (t.dim() == 0 || t.size(0) <= 1) return true;
+  return t.stride(0) * t.size(0) == t.numel();
+}
+
+void pgd_step_linf_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_orig, double alpha,
+                       double eps, double lo, double hi) {
+  constexpr const char* fn = "pgd_step_linf_native_";
+  check_inputs(fn, x_adv, grad, x_orig, alpha, eps, lo, hi);
+  const int64_t n = x_adv.numel();
+  if (n == 0) return;
+  const bool direct = x_adv.is_non_overlapping_and_dense();
+  at::Tensor x = direct ? x_adv : x_adv.contiguous();
+  const at::Tensor g = in_layout_of(grad, x);
+  const at::Tensor x0 = in_layout_of(x_orig, x);
+  const Dt dt = to_dt(x.scalar_type());
+  const int64_t es = x.element_size();
+  auto* xp = static_cast<char*>(x.data_ptr());
+  const auto* gp = static_cast<const char*>(g.const_data_ptr());
+  const auto* x0p = static_cast<const char*>(x0.const_data_ptr());
+  const KernelTable& k = kernels();
+  const float a = float(alpha), e = float(eps), l = float(lo), h = float(hi);
+  at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t end) {
+    k.pgd_linf(dt, end - b, xp + b * es, gp + b * es, x0p + b * es, a, e, l, h);
+  });
+  if (!direct) {
+    x_adv.copy_(x);
+  }
+}
+
+void pgd_step_l2_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_orig, double alpha,
+                     double eps, double lo, double hi) {
+  constexpr const char* fn = "pgd_step_l2_native_";
+  check_inputs(fn, x_adv, grad, x_orig, alpha, eps, lo, hi);
+  TORCH_CHECK(x_adv.dim() >= 1, fn, ": x_adv must have a batch dimension (dim >= 1), got a 0-D tensor");
+  const int64_t n = x_adv.numel();
+  if (n == 0) return;
+  const bool direct = samples_are_blocks(x_adv);
+  at::Tensor x = direct ? x_adv : x_adv.contiguous();
+  const at::Tensor g = in_layout_of(grad, x);
+  const at::Tensor x0 = in_layout_of(x_orig, x);
+  const Dt dt = to_dt(x.scalar_type());
+  const int64_t es = x.element_size();
+  auto* xp = static_cast<char*>(x.data_ptr());
+  const auto* gp = static_cast<const char*>(g.const_data_ptr());
+  const auto* x0p = static_cast<const char*>(x0.const_data_ptr());
+  const KernelTable& k = kernels();
+
+  const int64_t S = x.size(0), per = n / S;
+  // pass 1: per sample ||g||^2, (x - x0).g, ||x - x0||^2, over chunks so that one huge sample still
+  // uses every thread
+  const int64_t chunk = kGrain;
+  const int64_t cps = (per + chunk - 1) / chunk;  // chunks per sample
+  std::vector<double> partial(static_cast<size_t>(S * cps * 3), 0.0);
+  at::parallel_for(0, S * cps, std::max<int64_t>(1, kGrain / std::max<int64_t>(chunk, 1)), [&](int64_t b,
+                                                                                              int64_t end) {
+    for (int64_t t = b; t < end; ++t) {
+      const int64_t s = t / cps, c = t % cps;
+      const int64_t off = s * per + c * chunk;
+      const int64_t len = std::min(chunk, per - c * chunk);
+      k.pgd_l2_sums(dt, len, xp + off * es, gp + off * es, x0p + off * es, &partial[3 * t]);
+    }
+  });
+  // the step is x + a g with a = alpha / ||g||, so ||delta||^2 = ||d||^2 + 2 a d.g + a^2 ||g||^2 (d = x - x0)
+  std::vector<float> step(S), factor(S);
+  for (int64_t s = 0; s < S; ++s) {
+    double gg = 0, dg = 0, dd = 0;
+    for (int64_t c = 0; c < cps; ++c) {
+      gg += partial[3 * (s * cps + c)];
+      dg += partial[3 * (s * cps + c) + 1];
+      dd += partial[3 * (s * cps + c) + 2];
+    }
+    const double a = alpha / std::max(std::sqrt(gg), 1e-12);
+    const double dn = std::sqrt(std::max(dd + 2 * a * dg + a * a * gg, 0.0));
+    step[s] = float(a);
+    factor[s] = float(std::min(1.0, eps / std::max(dn, 1e-12)));
+  }
+  // pass 2: step, project, clip
+  const float l = float(lo), h = float(hi);
+  at::parallel_for(0, S * cps, 1, [&](int64_t b, int64_t end) {
+    for (int64_t t = b; t < end; ++t) {
+      const int64_t s = t / cps, c = t % cps;
+      const int64_t off = s * per + c * chunk;
+      const int64_t len = std::min(chunk, per - c * chunk);
+      k.pgd_l2_apply(dt, len, xp + off * es, gp + off * es, x0p + off * es, step[s], factor[s], l, h);
+    }
+  });
+  if (!direct) {
+    x_adv.copy_(x);
+  }
+}
+
+}  // namespace
+}  // namespace urkle_fast::cpu
+
+TORCH_LIBRARY_IMPL(urkle_fast, CPU, m) {
+  m.impl("pgd_step_linf_native_", &urkle_fast::cpu::pgd_step_linf_cpu);
+  m.impl("pgd_step_l2_native_", &urkle_fast::cpu::pgd_step_l2_cpu);
+}

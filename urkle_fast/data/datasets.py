@@ -1,0 +1,222 @@
+"""Datasets: scikit-learn digits, MNIST, CIFAR-10/100 (torchvision pickles or ImageFolder JPEG trees),
+ImageFolder trees (folder / imagenet). Items are (image, label): image a [C, H, W] tensor, uint8 in
+[0, 255] or float in [0, 1] (to_float01 maps both to float [0, 1]); label an int.
+
+Small sets live in memory (``InMemoryDataset``: whole batches are index lookups, no workers);
+folder sets decode JPEGs in DataLoader workers. Augmentation is not done here: it runs batched, on
+the training device, in urkle_fast.data.augment (the seam where a DALI pipeline will plug in).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATASETS = ("digits", "mnist", "cifar10", "cifar100", "folder", "imagenet")
+
+
+class DataRootError(FileNotFoundError):
+    """The data root is missing or not laid out as the dataset expects."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    in_channels: int
+    image_size: int  # side of the training crops
+    num_classes: Optional[int]  # None: from the folder tree
+    mean: tuple
+    std: tuple
+
+
+INFO = {
+    "digits": DatasetInfo(1, 8, 10, (0.305,), (0.400,)),
+    "mnist": DatasetInfo(1, 28, 10, (0.1307,), (0.3081,)),
+    "cifar10": DatasetInfo(3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetInfo(3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "folder": DatasetInfo(3, 224, None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenet": DatasetInfo(3, 224, None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def default_root(name: str) -> Optional[Path]:
+    """../shared/data-relative defaults where that copy exists; None otherwise."""
+    cand = {"mnist": SHARED_DATA, "cifar10": SHARED_DATA / "cifar10-jpeg"}.get(name)
+    return cand if cand is not None and cand.exists() else None
+
+
+class InMemoryDataset(Dataset):
+    """images [N, C, H, W] (uint8 or float in [0, 1]), labels [N] int64."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str] = ()):
+        assert images.ndim == 4 and len(images) == len(labels)
+        self.images, self.labels, self.classes = images, labels.long(), list(classes)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+def to_float01(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def _digits(split: str) -> InMemoryDataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # [1797, 1, 8, 8] in [0, 1]
+    labels = torch.from_numpy(d.target.astype(np.int64))
+    # deterministic split, independent of any training seed: 80% train (1437), 20% test (360)
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    n_train = int(round(0.8 * len(images)))
+    idx = perm[:n_train] if split == "train" else perm[n_train:]
+    return InMemoryDataset(images[idx], labels[idx], [str(i) for i in range(10)])
+
+
+def _mnist(root: Path, split: str) -> InMemoryDataset:
+    import torchvision
+
+    raw = root / "MNIST" / "raw"
+    need = "train-images-idx3-ubyte" if split == "train" else "t10k-images-idx3-ubyte"
+    if not (raw / need).is_file():
+        raise DataRootError(
+            f"MNIST not found under data root {str(root)!r}: expected the torchvision layout "
+            f"<root>/MNIST/raw/{need} (and the label file); pass --data-root pointing at the folder that contains MNIST/"
+        )
+    ds = torchvision.datasets.MNIST(str(root), train=(split == "train"), download=False)
+    return InMemoryDataset(ds.data.unsqueeze(1).contiguous(), ds.targets, ds.classes)
+
+
+def _cifar_pickle(name: str, root: Path, split: str) -> InMemoryDataset:
+    import torchvision
+
+    ctor = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    ds = ctor(str(root), train=(split == "train"), download=False)
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC uint8 -> NCHW
+    return InMemoryDataset(images, torch.tensor(ds.targets), ds.classes)
+
+
+class FolderDataset(Dataset):
+    """ImageFolder tree decoded to uint8 [3, S, S]: resize the shorter side to S, centre-crop S."""
+
+    def __init__(self, split_dir: Path, size: int):
+        import torchvision
+        from torchvision.transforms import v2 as T
+
+        try:
+            self.inner = torchvision.datasets.ImageFolder(str(split_dir))
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise DataRootError(f"{str(split_dir)!r} is not an ImageFolder tree (<split>/<class>/<image>): {exc}") from exc
+        self.classes = self.inner.classes
+        self.transform = T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size)])
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        from torchvision.transforms.v2 import functional as TF
+
+        path, label = self.inner.samples[i]
+        img = self.inner.loader(path).convert("RGB")
+        x = TF.pil_to_tensor(img)
+        if x.shape[-2:] != (self.size, self.size):
+            x = self.transform(x)
+        return x, label
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    names = ("train",) if split == "train" else ("val", "test")
+    for n in names:
+        if (root / n).is_dir():
+            return root / n
+    raise DataRootError(
+        f"data root {str(root)!r} has no {' or '.join(names)!s}/ folder: expected an ImageFolder layout "
+        f"<root>/train/<class>/<image> and <root>/val/<class>/<image> (or test/)"
+    )
+
+
+def load_dataset(name: str, root: Optional[str | os.PathLike] = None, split: str = "train", *,
+                 image_size: Optional[int] = None) -> Dataset:
+    """The train or test split of a dataset (see the module docstring for formats).
+
+    digits: scikit-learn's 8x8 digits, deterministic 80/20 split (1437 train / 360 test), no root.
+    mnist: torchvision layout <root>/MNIST/raw. cifar10 / cifar100: torchvision pickles
+    (<root>/cifar-10-batches-py, <root>/cifar-100-python) or an ImageFolder tree <root>/train, test.
+    folder / imagenet: ImageFolder <root>/train and <root>/val (or test); images decoded at image_size.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if name == "digits":
+        return _digits(split)
+    if root is None:
+        root = default_root(name)
+        if root is None:
+            raise DataRootError(f"dataset {name!r} needs --data-root (no default copy under {str(SHARED_DATA)!r})")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataRootError(f"data root {str(root)!r} for dataset {name!r} does not exist or is not a directory")
+    if name == "mnist":
+        return _mnist(root, split)
+    if name in ("cifar10", "cifar100"):
+        pickle_dir = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+        if pickle_dir.is_dir():
+            return _cifar_pickle(name, root, split)
+        if (root / "train").is_dir():
+            return FolderDataset(_split_dir(root, split), image_size or 32)
+        raise DataRootError(
+            f"{name} not found under data root {str(root)!r}: expected torchvision's {pickle_dir.name}/ folder "
+            f"or an ImageFolder tree <root>/train/<class>/*.jpg and <root>/test/<class>/*.jpg"
+        )
+    size = image_size or INFO[name].image_size
+    load_size = size if size <= 64 else int(round(size * 8 / 7))  # 224 -> 256: room for the random crop
+    return FolderDataset(_split_dir(root, split), load_size if split == "train" else size)
+
+
+def num_classes_of(ds: Dataset) -> int:
+    return len(getattr(ds, "classes", ())) or int(max(int(ds[i][1]) for i in range(len(ds)))) + 1
+
+
+def as_tensors(ds: Dataset, limit: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x float [N, C, H, W] in [0, 1], y int64 [N]) for the first `limit` items (evaluation)."""
+    n = len(ds) if limit is None else min(limit, len(ds))
+    if isinstance(ds, InMemoryDataset):
+        return to_float01(ds.images[:n]), ds.labels[:n].clone()
+    xs, ys = zip(*(ds[i] for i in range(n)))
+    return to_float01(torch.stack(xs)), torch.tensor(ys)
+
+
+def epoch_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int, start_batch: int = 0,
+                  num_workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches (images, labels) of one epoch in a fixed order, a function of (seed, epoch) only, so a
+    resumed run skips `start_batch` batches and sees exactly what an uninterrupted run would see.
+    The last incomplete batch is dropped (contrastive losses want a fixed batch)."""
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    n_batches = len(ds) // batch_size
+    batches = [perm[i * batch_size:(i + 1) * batch_size] for i in range(start_batch, n_batches)]
+    if isinstance(ds, InMemoryDataset):
+        for idx in batches:
+            yield ds.images[idx], ds.labels[idx]
+        return
+    loader = DataLoader(ds, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
+                        pin_memory=pin_memory, persistent_workers=False)
+    for images, labels in loader:
+        yield images, torch.as_tensor(labels)
+
+
+def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
+    n = len(ds) // batch_size
+    if n == 0:
+        raise ValueError(f"batch size {batch_size} is larger than the dataset ({len(ds)} images)")
+    return n

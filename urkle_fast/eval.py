@@ -1,0 +1,293 @@
+"""``python -m urkle_fast.eval``: robust accuracy of frozen representations (SPEC sec. 7).
+
+For every checkpoint: train the downstream head on the frozen representation (one z per input,
+no adversarial training; supervised baselines are used as they are), then measure accuracy on
+clean test images and under white-box l_inf PGD (random start, EOT over the z samples) and
+APGD-CE, for the S-sample averaged prediction (paper Eq. 1) and the z = mu path, for each label
+budget. Writes table.md, results.json, accuracy_vs_eps_<model>.png, accuracy_vs_eps.png and,
+for representation models, zspace_<model>.png (paper Figure 2) to --out.
+
+    python -m urkle_fast.eval --checkpoint runs/urkle.pt --checkpoint runs/standard.pt \
+        --dataset mnist --eps 0.1 --label-budgets all 5000 1000 --n-test 1000 --out runs/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import CheckpointError, load_model
+from .evaluation.attacks import robust_accuracy
+from .evaluation.datasets import (DATASETS, DEFAULT_EPS, DEFAULT_HEAD, DEFAULT_SWEEP, check_dataset,
+                                  load_split)
+from .evaluation.probe import ProbabilisticClassifier, accuracy, balanced_subset, encode_dataset, parse_budget, train_head
+from .evaluation.report import markdown_table, write_outputs
+
+DEFAULT_HEAD_EPOCHS = {"digits": 100, "mnist": 10, "cifar10": 30, "cifar100": 30, "folder": 30, "imagenet": 30}
+
+
+def load_checkpoint(path: str, map_location: str = "cpu") -> tuple[nn.Module, dict]:
+    """(model, config) from ``urkle_fast.checkpoint.load_model``: FileNotFoundError for a missing
+    file, CheckpointError (urkle_fast.checkpoint) for anything that cannot be read as a model."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path!r}")
+    try:
+        model, config = load_model(path, map_location=map_location)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"cannot rebuild the model of checkpoint {path!r} ({type(exc).__name__}: {exc})") from exc
+    if getattr(model, "kind", None) not in ("representation", "supervised"):
+        raise CheckpointError(f"checkpoint {path!r}: model.kind is {getattr(model, 'kind', None)!r}, "
+                              "expected 'representation' or 'supervised'")
+    return model, dict(config or {})
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+
+
+def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, data_root: Optional[str] = None,
+                    eps_list: Sequence[float], out_dir: Optional[str], label_budgets: Sequence[Union[int, str]] = ("all",),
+                    samples: int = 10, attack_steps: int = 20, seed: int = 0, alpha: Optional[float] = None,
+                    eot_iter: int = 1, apgd_steps: int = 100, n_test: Optional[int] = None,
+                    sweep_eps: Optional[Sequence[float]] = None, sweep_n_test: Optional[int] = 500,
+                    head: Optional[str] = None, head_epochs: Optional[int] = None, head_lr: float = 1e-3,
+                    bounded_M: Optional[float] = None, batch_size: int = 256, device: Optional[str] = None,
+                    fig2_images: int = 4, plots: bool = True, verbose: bool = True,
+                    splits: Optional[tuple[Any, Any]] = None, checkpoint_paths: Optional[dict[str, str]] = None) -> dict:
+    """Evaluate already-loaded models ``{name: (model, config)}``; see ``evaluate_checkpoints``.
+
+    ``splits`` = (train, test) ``Split`` objects overrides the dataset loader (tests).
+    """
+    check_dataset(dataset)
+    eps_list = [float(e) for e in eps_list]
+    budgets = [parse_budget(b) for b in label_budgets]
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    head_kind = head or DEFAULT_HEAD[dataset]
+    head_epochs = DEFAULT_HEAD_EPOCHS[dataset] if head_epochs is None else head_epochs
+    sweep = list(DEFAULT_SWEEP[dataset] if sweep_eps is None else sweep_eps)
+    train, test = splits if splits is not None else (load_split(dataset, "train", data_root),
+                                                    load_split(dataset, "test", data_root))
+    if n_test is not None and n_test < len(test.y):
+        idx = balanced_subset(test.y, n_test, seed=seed)
+        x_test, y_test = test.x[idx], test.y[idx]
+    else:
+        x_test, y_test = test.x, test.y
+    n_sw = len(y_test) if sweep_n_test is None else min(sweep_n_test, len(y_test))
+    x_sw, y_sw = x_test[:n_sw], y_test[:n_sw]
+    settings = dict(samples=samples, attack_steps=attack_steps, alpha=alpha,
+                    alpha_desc=("eps/10" if alpha is None else f"{alpha:g}"), eot_iter=eot_iter, apgd_steps=apgd_steps,
+                    n_test=len(y_test), sweep_n_test=n_sw, head=head_kind, head_epochs=head_epochs, head_lr=head_lr,
+                    bounded_M=bounded_M, seed=seed, device=str(device), n_train=len(train.y))
+    results: dict[str, Any] = dict(dataset=dataset, eps_list=eps_list, sweep_eps=sweep,
+                                   label_budgets=[str(b) for b in budgets], settings=settings, models={})
+    atk = dict(steps=attack_steps, alpha=alpha, eot_iter=eot_iter, batch_size=batch_size, seed=seed, device=device)
+
+    def attack_all(clf: ProbabilisticClassifier, tag: str) -> dict:
+        r: dict[str, Any] = {"clean": accuracy(clf, x_test, y_test, batch_size=batch_size, device=device), "pgd": {}}
+        for e in eps_list:
+            clf.reseed(seed + 1)
+            r["pgd"][str(e)] = robust_accuracy(clf, x_test, y_test, attack="pgd", eps=e, desc=f"{tag} PGD {e:.4g}", **atk)
+        if apgd_steps:
+            r["apgd"] = {}
+            for e in eps_list:
+                clf.reseed(seed + 2)
+                r["apgd"][str(e)] = robust_accuracy(clf, x_test, y_test, attack="apgd", eps=e,
+                                                    desc=f"{tag} APGD {e:.4g}", **{**atk, "steps": apgd_steps})
+        return r
+
+    for name, (model, config) in models.items():
+        t0 = time.time()
+        model = model.to(device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        cfg_ds = config.get("dataset")
+        if cfg_ds and cfg_ds != dataset:
+            warnings.warn(f"{name}: checkpoint was trained on {cfg_ds!r}, evaluating on {dataset!r}", stacklevel=2)
+        entry: dict[str, Any] = dict(kind=model.kind, method=config.get("method"), config=config,
+                                     checkpoint=(checkpoint_paths or {}).get(name), budgets={})
+        curves: dict[str, dict] = {}
+        if model.kind == "supervised":
+            clf = ProbabilisticClassifier(model, None, bounded_M=bounded_M, seed=seed).to(device)
+            r = attack_all(clf, name)
+            for b in budgets:  # no head: the same numbers under every budget (trained with all labels)
+                entry["budgets"][str(b)] = dict(n_labels=len(train.y), paths={"samples": r, "mu": r},
+                                                note="supervised: no head, trained with all labels")
+            if plots and out_dir:
+                curves[name] = dict(eps=sweep, acc=[robust_accuracy(clf, x_sw, y_sw, attack="pgd", eps=e,
+                                                                    desc=f"{name} sweep {e:.3g}", **atk) for e in sweep])
+        else:
+            mu_tr, lv_tr = encode_dataset(model, train.x, batch_size=512, device=device, desc=f"{name} encode")
+            for b in budgets:
+                try:
+                    idx = balanced_subset(train.y, b, seed=seed)
+                except ValueError as exc:
+                    warnings.warn(f"{name}: {exc}; budget skipped", stacklevel=2)
+                    entry["budgets"][str(b)] = dict(skipped=str(exc))
+                    continue
+                h = train_head(mu_tr[idx], lv_tr[idx], train.y[idx], num_classes=train.num_classes, head_kind=head_kind,
+                               epochs=head_epochs, lr=head_lr, seed=seed, desc=f"{name} head {b}").to(device)
+                paths = {}
+                for path in ("samples", "mu"):
+                    clf = ProbabilisticClassifier(model, h, path=path, samples=samples, bounded_M=bounded_M,
+                                                  seed=seed).to(device)
+                    paths[path] = attack_all(clf, f"{name} {b} {path}")
+                    if plots and out_dir and b == budgets[0]:
+                        curves[f"{name} ({'S=%d' % samples if path == 'samples' else 'z = mu'}, labels {b})"] = dict(
+                            eps=sweep, acc=[robust_accuracy(clf, x_sw, y_sw, attack="pgd", eps=e,
+                                                            desc=f"{name} sweep {e:.3g}", **atk) for e in sweep])
+                entry["budgets"][str(b)] = dict(n_labels=len(idx), paths=paths)
+        entry["sweep"] = curves
+        if plots and out_dir:
+            from .evaluation.plots import plot_accuracy_vs_eps, plot_z_projection
+
+            entry["plots"] = [plot_accuracy_vs_eps(curves, sweep, os.path.join(out_dir, f"accuracy_vs_eps_{_slug(name)}.png"),
+                                                   f"{name} on {dataset}: PGD-{attack_steps}, n = {n_sw}")]
+            if model.kind == "representation" and fig2_images > 0:
+                k = min(fig2_images, len(x_test))
+                entry["plots"].append(plot_z_projection(
+                    model, x_test[:k].to(device), y_test[:k], os.path.join(out_dir, f"zspace_{_slug(name)}.png"),
+                    eps=eps_list[0] if eps_list else 0.1, steps=attack_steps, seed=seed,
+                    title=f"{name}: 20 z samples per image (o) and per Urkle adversary (x), eps = {eps_list[0] if eps_list else 0.1:g}"))
+        entry["wall_s"] = round(time.time() - t0, 2)
+        results["models"][name] = entry
+        if verbose:
+            print(f"[eval] {name}: done in {entry['wall_s']:.1f} s", flush=True)
+
+    if plots and out_dir and results["models"]:
+        from .evaluation.plots import plot_accuracy_vs_eps
+
+        allc = {f"{n}: {k}" if k != n else n: c for n, m in results["models"].items() for k, c in m["sweep"].items()}
+        results["plots"] = [plot_accuracy_vs_eps(allc, sweep, os.path.join(out_dir, "accuracy_vs_eps.png"),
+                                                 f"{dataset}: accuracy under PGD-{attack_steps}")]
+    if out_dir:
+        write_outputs(results, out_dir)
+    if verbose:
+        print(markdown_table(results), flush=True)
+    return results
+
+
+def evaluate_checkpoints(checkpoints: dict[str, str], *, dataset: str, data_root: str | None = None,
+                         eps_list: list[float], out_dir: str, label_budgets=("all",), samples: int = 10,
+                         attack_steps: int = 20, seed: int = 0, **kwargs) -> dict:
+    """Train the downstream head per checkpoint, attack, write table.md / results.json / PNGs.
+
+    checkpoints: {row name: path to a file written by urkle_fast.train}. dataset: one of
+    "digits", "mnist", "cifar10", "cifar100", "folder"; data_root defaults to ../shared/data.
+    eps_list: test epsilons in [0,1] pixel units. label_budgets: "all" and/or label counts
+    (class-balanced, seeded). samples: S of paper Eq. 1. attack_steps: PGD steps (step eps/10).
+    Further keywords (see ``evaluate_models``): alpha, eot_iter, apgd_steps (0 = off), n_test,
+    sweep_eps, sweep_n_test, head ("linear"/"mlp3"), head_epochs, head_lr, bounded_M, batch_size,
+    device, fig2_images, plots, verbose.
+
+    Returns the dict written to results.json: {"dataset", "eps_list", "settings", "label_budgets",
+    "models": {name: {"kind", "budgets": {budget: {"paths": {"samples"|"mu": {"clean", "pgd": {eps: acc},
+    "apgd": {eps: acc}}}}}, "sweep", "wall_s"}}} with accuracies in [0, 1].
+    Raises FileNotFoundError (missing file), CheckpointError (unreadable file), ValueError (unknown dataset).
+    """
+    check_dataset(dataset)
+    models = {}
+    for name, path in checkpoints.items():
+        models[name] = load_checkpoint(path)
+    if data_root is None:
+        data_root = next((c.get("data_root") for _, c in models.values() if c.get("data_root")), None)
+    return evaluate_models(models, dataset=dataset, data_root=data_root, eps_list=eps_list, out_dir=out_dir,
+                           label_budgets=label_budgets, samples=samples, attack_steps=attack_steps, seed=seed,
+                           checkpoint_paths=dict(checkpoints), **kwargs)
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: list[str] = field(default_factory=list)
+    name: list[str] = field(default_factory=list)
+    dataset: Optional[str] = None
+    data_root: Optional[str] = None
+    eps: Optional[list[float]] = None
+    out: str = "runs/eval"
+    label_budgets: list[str] = field(default_factory=lambda: ["all"])
+    samples: int = 10
+    attack_steps: int = 20
+    alpha: Optional[float] = None
+    eot_iter: int = 1
+    apgd_steps: int = 100
+    n_test: Optional[int] = None
+    sweep_eps: Optional[list[float]] = None
+    sweep_n_test: Optional[int] = 500
+    head: Optional[str] = None
+    head_epochs: Optional[int] = None
+    head_lr: float = 1e-3
+    bounded_M: Optional[float] = None
+    batch_size: int = 256
+    seed: int = 0
+    device: Optional[str] = None
+    no_plots: bool = False
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> EvalConfig:
+    p = argparse.ArgumentParser(prog="python -m urkle_fast.eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", action="append", required=True, help="checkpoint file (repeat for several models)")
+    p.add_argument("--name", action="append", default=[], help="row name per --checkpoint, in order (default: method)")
+    p.add_argument("--dataset", choices=DATASETS, help="default: the first checkpoint's config")
+    p.add_argument("--data-root", help="default: the checkpoint's data_root, else ../shared/data")
+    p.add_argument("--eps", type=float, nargs="+", help="test epsilons; default per dataset (SPEC sec. 6)")
+    p.add_argument("--out", default="runs/eval")
+    p.add_argument("--label-budgets", nargs="+", default=["all"], help="'all' and/or label counts, e.g. all 5000 1000")
+    p.add_argument("--samples", type=int, default=10, help="S, z samples averaged per prediction")
+    p.add_argument("--attack-steps", type=int, default=20)
+    p.add_argument("--alpha", type=float, help="PGD step (default eps/10)")
+    p.add_argument("--eot-iter", type=int, default=1, help="extra gradient averaging (forwards per PGD step)")
+    p.add_argument("--apgd-steps", type=int, default=100, help="APGD-CE iterations; 0 disables")
+    p.add_argument("--n-test", type=int, help="class-balanced seeded test subset (default: whole test set)")
+    p.add_argument("--sweep-eps", type=float, nargs="+", help="epsilons of the accuracy-vs-eps plot")
+    p.add_argument("--sweep-n-test", type=int, default=500)
+    p.add_argument("--head", choices=["linear", "mlp3"], help="default: mlp3 on MNIST, linear elsewhere")
+    p.add_argument("--head-epochs", type=int)
+    p.add_argument("--head-lr", type=float, default=1e-3)
+    p.add_argument("--bounded-M", type=float, help="bounded softmax of paper footnote 1 (-log p <= M)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.add_argument("--no-plots", action="store_true")
+    a = p.parse_args(argv)
+    return EvalConfig(**{k: v for k, v in vars(a).items()})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    cfg = parse_args(argv)
+    if cfg.name and len(cfg.name) != len(cfg.checkpoint):
+        raise SystemExit(f"--name given {len(cfg.name)} times for {len(cfg.checkpoint)} --checkpoint")
+    loaded, paths = {}, {}
+    for i, path in enumerate(cfg.checkpoint):
+        model, config = load_checkpoint(path)
+        name = cfg.name[i] if cfg.name else (config.get("method") or os.path.splitext(os.path.basename(path))[0])
+        base, k = name, 2
+        while name in loaded:
+            name, k = f"{base}-{k}", k + 1
+        loaded[name], paths[name] = (model, config), path
+    dataset = cfg.dataset or next(iter(loaded.values()))[1].get("dataset")
+    if dataset is None:
+        raise SystemExit("--dataset is required (the checkpoint does not name one)")
+    check_dataset(dataset)
+    data_root = cfg.data_root or next((c.get("data_root") for _, c in loaded.values() if c.get("data_root")), None)
+    return evaluate_models(
+        loaded, dataset=dataset, data_root=data_root, eps_list=cfg.eps or DEFAULT_EPS[dataset], out_dir=cfg.out,
+        label_budgets=cfg.label_budgets, samples=cfg.samples, attack_steps=cfg.attack_steps, seed=cfg.seed,
+        alpha=cfg.alpha, eot_iter=cfg.eot_iter, apgd_steps=cfg.apgd_steps, n_test=cfg.n_test, sweep_eps=cfg.sweep_eps,
+        sweep_n_test=cfg.sweep_n_test, head=cfg.head, head_epochs=cfg.head_epochs, head_lr=cfg.head_lr,
+        bounded_M=cfg.bounded_M, batch_size=cfg.batch_size, device=cfg.device, plots=not cfg.no_plots,
+        checkpoint_paths=paths)
+
+
+if __name__ == "__main__":
+    main()

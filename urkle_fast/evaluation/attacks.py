@@ -1,0 +1,157 @@
+"""White-box attacks of the evaluation protocol (SPEC sec. 7), l_inf, pixels in [0, 1].
+
+* ``pgd_linf``: random start, K steps of sign-gradient ascent on the cross-entropy of the
+  classifier's (averaged) prediction, through the trainer's engine ``urkle_fast.attack.pgd``
+  (fused ``pgd_step_``).
+* ``apgd_ce``: APGD-CE of Croce & Hein (2020, "Reliable evaluation of adversarial robustness
+  with an ensemble of diverse parameter-free attacks"), written here from the paper and the
+  reference AutoAttack code: momentum 0.75, step size 2*eps halved at checkpoints when the loss
+  oscillates or stalls, restart from the best point. It is the independent check for gradient
+  masking (torchattacks pins requests~=2.25, so it is not a dependency).
+
+Both take a classifier returning log-probabilities [B, C] (``ProbabilisticClassifier``); for a
+stochastic classifier each forward draws fresh z samples, so the gradient is an EOT average over
+``samples`` x ``eot_iter`` draws. Gradients are taken w.r.t. the input only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def _loss_and_grad(clf: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, eot_iter: int):
+    """Per-sample CE [B], summed-CE gradient averaged over eot_iter forwards, last log-probs."""
+    grad = torch.zeros_like(x_adv)
+    loss_sum = torch.zeros(len(y), device=x_adv.device)
+    for _ in range(eot_iter):
+        xr = x_adv.detach().requires_grad_(True)
+        log_p = clf(xr)
+        loss = F.nll_loss(log_p, y, reduction="none")
+        grad += torch.autograd.grad(loss.sum(), xr)[0]
+        loss_sum += loss.detach()
+    return loss_sum / eot_iter, grad / eot_iter, log_p.detach()
+
+
+def pgd_linf(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 20,
+             alpha: Optional[float] = None, eot_iter: int = 1, random_start: bool = True,
+             seed: Optional[int] = 0) -> torch.Tensor:
+    """l_inf PGD on one batch with the project's engine (urkle_fast.attack.pgd: fused pgd_step_,
+    model frozen in eval mode, input gradient only). x [B, ...] in [0,1], y [B] -> x_adv (last iterate).
+
+    Maximises the per-sample cross-entropy of clf's (averaged) prediction; alpha defaults to eps / 10.
+    """
+    if eps <= 0:
+        return x.clone()
+    from urkle_fast.attack import pgd
+
+    alpha = eps / 10 if alpha is None else alpha
+
+    def objective(x_adv: torch.Tensor) -> torch.Tensor:
+        return F.nll_loss(clf(x_adv), y, reduction="none")
+
+    return pgd(objective, x, eps=eps, alpha=alpha, steps=steps, random_start=random_start, model=clf,
+               eot=eot_iter, seed=seed)
+
+
+def _apgd_checkpoints(n_iter: int) -> list[int]:
+    # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)  (Croce & Hein 2020, sec. 3.2)
+    p = [0.0, 0.22]
+    while p[-1] < 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    return sorted({math.ceil(q * n_iter) for q in p[1:] if math.ceil(q * n_iter) <= n_iter})
+
+
+def apgd_ce(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
+            eot_iter: int = 1, rho: float = 0.75, momentum: float = 0.75,
+            seed: Optional[int] = 0) -> torch.Tensor:
+    """APGD-CE (l_inf) on one batch. Returns, per sample, a point the attack found misclassified
+    if any, else the highest-loss point. x [B, ...] in [0,1], y [B] -> x_adv [B, ...].
+    """
+    if eps <= 0:
+        return x.clone()
+    x = x.detach()
+    B = len(y)
+    view = (B,) + (1,) * (x.dim() - 1)
+    lo_b, hi_b = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+
+    def proj(v):
+        return torch.minimum(torch.maximum(v, lo_b), hi_b)
+
+    g = torch.Generator(device=x.device)
+    g.manual_seed(int(seed) if seed is not None else 0)
+    t = 2 * torch.rand(x.shape, generator=g, device=x.device) - 1
+    t = t / t.flatten(1).abs().amax(1).clamp_min(1e-12).view(view)
+    x_adv = proj(x + eps * t)
+
+    loss, grad, log_p = _loss_and_grad(clf, x_adv, y, eot_iter)
+    fooled = log_p.argmax(-1) != y
+    x_found = x_adv.clone()  # a misclassified point when one was found
+    x_best, loss_best, grad_best = x_adv.clone(), loss.clone(), grad.clone()
+    step = torch.full(view, 2.0 * eps, device=x.device)
+    checkpoints = set(_apgd_checkpoints(steps))
+    last_check = 0
+    increases = torch.zeros(B, device=x.device)
+    loss_prev = loss.clone()
+    loss_best_last_check = loss_best.clone()
+    reduced_last_check = torch.ones(B, dtype=torch.bool, device=x.device)
+    x_prev = x_adv.clone()
+    for k in range(steps):
+        with torch.no_grad():
+            a = momentum if k > 0 else 1.0
+            z = proj(x_adv + step * grad.sign())
+            x_new = proj(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev))
+            x_prev, x_adv = x_adv, x_new
+        loss, grad, log_p = _loss_and_grad(clf, x_adv, y, eot_iter)
+        with torch.no_grad():
+            wrong = log_p.argmax(-1) != y
+            new_fool = wrong & ~fooled
+            x_found[new_fool] = x_adv[new_fool]
+            fooled |= wrong
+            increases += (loss > loss_prev).float()
+            loss_prev = loss
+            better = loss > loss_best
+            x_best[better], loss_best[better], grad_best[better] = x_adv[better], loss[better], grad[better]
+            if k + 1 in checkpoints:
+                h = k + 1 - last_check
+                osc = increases < rho * h  # condition 1: too few successful steps
+                stall = ~reduced_last_check & (loss_best <= loss_best_last_check)  # condition 2
+                cut = osc | stall
+                step[cut] /= 2.0
+                x_adv[cut], grad[cut] = x_best[cut], grad_best[cut]
+                x_prev[cut] = x_best[cut]
+                reduced_last_check = cut
+                loss_best_last_check = loss_best.clone()
+                increases.zero_()
+                last_check = k + 1
+    return torch.where(fooled.view(view), x_found, x_best).detach()
+
+
+def robust_accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: str, eps: float,
+                    steps: int, alpha: Optional[float] = None, eot_iter: int = 1, batch_size: int = 256,
+                    seed: int = 0, device=None, desc: str = "") -> float:
+    """Accuracy on attacked x: the adversaries are re-evaluated with fresh z samples.
+
+    attack: "pgd" or "apgd". x [N, ...] on any device (moved per batch), y [N].
+    """
+    if attack not in ("pgd", "apgd"):
+        raise ValueError(f"unknown attack {attack!r}")
+    device = device or next(clf.parameters()).device
+    clf.eval()
+    correct = 0
+    for bi, i in enumerate(tqdm(range(0, len(x), batch_size), desc=desc or f"{attack} eps={eps:.4g}", leave=False)):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        if eps <= 0:
+            xa = xb
+        elif attack == "pgd":
+            xa = pgd_linf(clf, xb, yb, eps=eps, steps=steps, alpha=alpha, eot_iter=eot_iter, seed=seed + bi)
+        else:
+            xa = apgd_ce(clf, xb, yb, eps=eps, steps=steps, eot_iter=eot_iter, seed=seed + bi)
+        with torch.no_grad():
+            correct += (clf(xa).argmax(-1) == yb).sum().item()
+    return correct / max(1, len(x))

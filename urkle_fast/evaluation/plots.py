@@ -1,0 +1,77 @@
+"""PNG figures: accuracy vs epsilon, and the paper's Figure 2 (2-D projection of sampled z)."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_vs_eps(curves: dict[str, dict[str, Sequence[float]]], eps: Sequence[float], path: str,
+                         title: str) -> str:
+    """curves: {label: {"eps": [...], "acc": [...]}} (accuracy in [0,1]); writes one PNG."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    for label, c in curves.items():
+        ax.plot(c["eps"], [100 * a for a in c["acc"]], marker="o", label=label)
+    ax.set_xlabel("l_inf epsilon (pixels in [0, 1])")
+    ax.set_ylabel("accuracy under PGD (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def urkle_adversary(model, x: torch.Tensor, *, eps: float, steps: int = 20, alpha=None, seed: int = 0) -> torch.Tensor:
+    """Unsupervised adversary of SPEC sec. 5: argmax_{x'} KL[p(z|x) || p(z|x')], p(z|x) fixed."""
+    from urkle_fast.attack import pgd, urkle_kl
+
+    return pgd(urkle_kl(model, x), x, eps=eps, alpha=eps / 10 if alpha is None else alpha, steps=steps,
+               model=model, seed=seed)
+
+
+def plot_z_projection(model, x: torch.Tensor, y: torch.Tensor, path: str, *, eps: float, n_z: int = 20,
+                      steps: int = 20, seed: int = 0, title: str = "") -> str:
+    """Figure 2: PCA to 2-D of n_z samples of z for each image (o) and for its Urkle adversary (x)."""
+    plt = _plt()
+    model.eval()
+    x_adv = urkle_adversary(model, x, eps=eps, steps=steps, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        mu, lv = model.encode(x)
+        mua, lva = model.encode(x_adv)
+        z = mu.float().unsqueeze(1) + (0.5 * lv.float()).exp().unsqueeze(1) * torch.randn((len(x), n_z, mu.shape[1]), generator=g)
+        za = mua.float().unsqueeze(1) + (0.5 * lva.float()).exp().unsqueeze(1) * torch.randn((len(x), n_z, mu.shape[1]), generator=g)
+        allz = torch.cat([z.reshape(-1, z.shape[-1]), za.reshape(-1, z.shape[-1])])
+        centre = allz.mean(0, keepdim=True)
+        _, _, v = torch.pca_lowrank(allz - centre, q=2, center=False)
+        p, pa = (z - centre) @ v, (za - centre) @ v
+    fig, ax = plt.subplots(figsize=(5, 4.2), dpi=120)
+    cmap = plt.get_cmap("tab10")
+    for i in range(len(x)):
+        ax.scatter(p[i, :, 0], p[i, :, 1], s=14, marker="o", color=cmap(i % 10), label=f"x (label {int(y[i])})")
+        ax.scatter(pa[i, :, 0], pa[i, :, 1], s=18, marker="x", color=cmap(i % 10), label=f"Urkle adversary")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title or f"{n_z} samples of z per image (o) and per adversary (x), eps = {eps:g}", fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

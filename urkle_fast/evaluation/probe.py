@@ -1,0 +1,197 @@
+"""Downstream head on a frozen representation, and the averaged prediction of paper Eq. 1.
+
+SPEC sec. 7: the head is trained without adversarial training on the frozen encoder, with one
+z ~ p(z|x) per input (a fresh sample each epoch); prediction averages the head's class
+probabilities over S samples of z, and the deterministic z = mu path is reported beside it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+Budget = Union[int, str]
+
+
+def make_head(kind: str, d_in: int, num_classes: int, hidden: int = 256) -> nn.Module:
+    """``linear``: one layer; ``mlp3``: three FC layers, BN + ReLU after the first two (MNIST)."""
+    if kind == "linear":
+        return nn.Linear(d_in, num_classes)
+    if kind == "mlp3":
+        return nn.Sequential(
+            nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+    raise ValueError(f"unknown head kind {kind!r}; expected 'linear' or 'mlp3'")
+
+
+def parse_budget(b: Budget) -> Budget:
+    if isinstance(b, str) and b != "all":
+        if not b.isdigit():
+            raise ValueError(f"label budget must be 'all' or a positive integer, got {b!r}")
+        b = int(b)
+    if isinstance(b, int) and b <= 0:
+        raise ValueError(f"label budget must be positive, got {b}")
+    return b
+
+
+def balanced_subset(labels: torch.Tensor, budget: Budget, *, seed: int = 0) -> torch.Tensor:
+    """Indices of a class-balanced subset of ``budget`` labels, the same for the same seed.
+
+    Each class gets ``budget // C`` examples; the ``budget % C`` left over go to a seeded random
+    choice of classes, one each. ``budget == "all"`` returns every index. Sorted int64 [budget].
+    """
+    budget = parse_budget(budget)
+    labels = torch.as_tensor(labels).long().cpu()
+    if budget == "all":
+        return torch.arange(len(labels))
+    if budget > len(labels):
+        raise ValueError(f"label budget {budget} exceeds the {len(labels)} training labels")
+    g = torch.Generator().manual_seed(int(seed))
+    classes = torch.unique(labels)
+    per, rem = divmod(budget, len(classes))
+    extra = set(classes[torch.randperm(len(classes), generator=g)[:rem]].tolist())
+    out = []
+    for c in classes.tolist():
+        idx = (labels == c).nonzero(as_tuple=True)[0]
+        n = per + (1 if c in extra else 0)
+        if n > len(idx):
+            raise ValueError(f"label budget {budget}: class {c} has only {len(idx)} examples, needs {n}")
+        out.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    return torch.cat(out).sort().values
+
+
+@torch.no_grad()
+def encode_dataset(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512, device=None,
+                   desc: str = "encode") -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, logvar) of the frozen encoder for every row of x, in eval mode. [N, d_z] each, on CPU."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    mus, lvs = [], []
+    for i in tqdm(range(0, len(x), batch_size), desc=desc, leave=False):
+        mu, lv = model.encode(x[i:i + batch_size].to(device))
+        mus.append(mu.float().cpu())
+        lvs.append(lv.float().cpu())
+    return torch.cat(mus), torch.cat(lvs)
+
+
+def train_head(mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor, *, num_classes: int,
+               head_kind: str = "linear", epochs: int = 30, lr: float = 1e-3, weight_decay: float = 0.0,
+               batch_size: int = 256, hidden: int = 256, seed: int = 0, desc: str = "head") -> nn.Module:
+    """Train the head on frozen features, one fresh z = mu + sigma * eps per input per epoch.
+
+    mu, logvar: [N, d_z] float32; y: [N] int64. Adam, cross-entropy, no adversarial training.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    torch.manual_seed(int(seed))  # head initialisation
+    head = make_head(head_kind, mu.shape[1], num_classes, hidden)
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    std = torch.exp(0.5 * logvar)
+    n = len(y)
+    bs = min(batch_size, n)
+    head.train()
+    for _ in tqdm(range(epochs), desc=desc, leave=False):
+        z = mu + std * torch.randn(mu.shape, generator=g)
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, bs):
+            idx = perm[i:i + bs]
+            if len(idx) < 2 and head_kind == "mlp3":  # BatchNorm needs 2 rows
+                continue
+            loss = F.cross_entropy(head(z[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    return head.eval()
+
+
+def bounded_log_probs(log_p: torch.Tensor, M: float) -> torch.Tensor:
+    """Paper footnote 1: p_c -> p_c (1 - C e^-M) + e^-M, so that -log p_c <= M. [B, C] -> [B, C]."""
+    C = log_p.shape[-1]
+    floor = math.exp(-M)
+    if C * floor >= 1.0:
+        raise ValueError(f"bounded softmax needs C * exp(-M) < 1 (C={C}, M={M})")
+    return torch.log(log_p.exp() * (1.0 - C * floor) + floor)
+
+
+class ProbabilisticClassifier(nn.Module):
+    """x in [0,1] -> log of the predicted class probabilities, [B, C].
+
+    * supervised models (``kind == "supervised"``): log_softmax(model.logits(x)).
+    * representation models, ``path="samples"``: log( 1/S sum_s softmax(head(z_s)) ),
+      z_s = mu + sigma * eps_s (paper Eq. 1; the attack's cross-entropy of this average gives
+      gradients averaged over the S samples, i.e. EOT).
+    * ``path="mu"``: log_softmax(head(mu)).
+    ``bounded_M`` applies the bounded softmax of footnote 1. Everything runs in eval mode.
+    """
+
+    def __init__(self, model: nn.Module, head: Optional[nn.Module] = None, *, path: str = "samples",
+                 samples: int = 10, bounded_M: Optional[float] = None, seed: int = 0):
+        super().__init__()
+        if path not in ("samples", "mu"):
+            raise ValueError(f"path must be 'samples' or 'mu', got {path!r}")
+        self.model = model
+        self.head = head
+        self.kind = getattr(model, "kind", None)
+        if self.kind not in ("representation", "supervised"):
+            raise ValueError(f"model.kind must be 'representation' or 'supervised', got {self.kind!r}")
+        if self.kind == "representation" and head is None:
+            raise ValueError("a representation model needs a trained head")
+        self.path = path
+        self.samples = int(samples)
+        self.bounded_M = bounded_M
+        self._seed = int(seed)
+        self._gen: dict = {}
+        self.eval()
+
+    def reseed(self, seed: int) -> None:
+        self._seed = int(seed)
+        self._gen.clear()
+
+    def _randn(self, shape, device) -> torch.Tensor:
+        g = self._gen.get(device)
+        if g is None:
+            g = self._gen[device] = torch.Generator(device=device).manual_seed(self._seed)
+        return torch.randn(shape, generator=g, device=device)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.kind == "representation" and self.path == "samples"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "supervised":
+            log_p = F.log_softmax(self.model.logits(x).float(), dim=-1)
+        else:
+            mu, logvar = self.model.encode(x)
+            mu, logvar = mu.float(), logvar.float()
+            if self.path == "mu":
+                log_p = F.log_softmax(self.head(mu), dim=-1)
+            else:
+                S, (B, D) = self.samples, mu.shape
+                z = mu.unsqueeze(0) + torch.exp(0.5 * logvar).unsqueeze(0) * self._randn((S, B, D), mu.device)
+                logits = self.head(z.reshape(S * B, D)).reshape(S, B, -1)
+                log_p = torch.logsumexp(F.log_softmax(logits, dim=-1), dim=0) - math.log(S)
+        if self.bounded_M is not None:
+            log_p = bounded_log_probs(log_p, self.bounded_M)
+        return log_p
+
+
+@torch.no_grad()
+def predict(clf: nn.Module, x: torch.Tensor, *, batch_size: int = 512, device=None) -> torch.Tensor:
+    """Predicted labels [N] (CPU) for x [N, ...]."""
+    device = device or next(clf.parameters()).device
+    out = []
+    for i in range(0, len(x), batch_size):
+        out.append(clf(x[i:i + batch_size].to(device)).argmax(-1).cpu())
+    return torch.cat(out)
+
+
+def accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> float:
+    return (predict(clf, x, **kw) == y.cpu()).float().mean().item()

@@ -124,7 +124,7 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
                 entry["budgets"][str(b)] = dict(n_labels=len(train.y), paths={"samples": r, "mu": r},
                                                 note="supervised: no head, trained with all labels")
             if plots and out_dir:
-                curves[name] = dict(eps=sweep, acc=[robust_accuracy(clf, x_sw, y_sw, attack="pgd", eps=e,
+                curves["supervised"] = dict(eps=sweep, acc=[robust_accuracy(clf, x_sw, y_sw, attack="pgd", eps=e,
                                                                     desc=f"{name} sweep {e:.3g}", **atk) for e in sweep])
         else:
             mu_tr, lv_tr = encode_dataset(model, train.x, batch_size=512, device=device, desc=f"{name} encode")
@@ -143,7 +143,7 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
                                                   seed=seed).to(device)
                     paths[path] = attack_all(clf, f"{name} {b} {path}")
                     if plots and out_dir and b == budgets[0]:
-                        curves[f"{name} ({'S=%d' % samples if path == 'samples' else 'z = mu'}, labels {b})"] = dict(
+                        curves[f"{'S=%d' % samples if path == 'samples' else 'z = mu'}, labels {b}"] = dict(
                             eps=sweep, acc=[robust_accuracy(clf, x_sw, y_sw, attack="pgd", eps=e,
                                                             desc=f"{name} sweep {e:.3g}", **atk) for e in sweep])
                 entry["budgets"][str(b)] = dict(n_labels=len(idx), paths=paths)
@@ -167,7 +167,7 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
     if plots and out_dir and results["models"]:
         from .evaluation.plots import plot_accuracy_vs_eps
 
-        allc = {f"{n}: {k}" if k != n else n: c for n, m in results["models"].items() for k, c in m["sweep"].items()}
+        allc = {f"{n} ({k})": c for n, m in results["models"].items() for k, c in m["sweep"].items()}
         results["plots"] = [plot_accuracy_vs_eps(allc, sweep, os.path.join(out_dir, "accuracy_vs_eps.png"),
                                                  f"{dataset}: accuracy under PGD-{attack_steps}")]
     if out_dir:

@@ -77,7 +77,7 @@ def _digits(split: str) -> InMemoryDataset:
     labels = torch.from_numpy(d.target.astype(np.int64))
     # deterministic split, independent of any training seed: 80% train (1437), 20% test (360)
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    n_train = int(round(0.8 * len(images)))
+    n_train = int(0.8 * len(images))  # 1437
     idx = perm[:n_train] if split == "train" else perm[n_train:]
     return InMemoryDataset(images[idx], labels[idx], [str(i) for i in range(10)])
 

@@ -13,6 +13,8 @@
 
 #include <torch/library.h>
 
+#include "cpu/vec_kernels.h"
+
 TORCH_LIBRARY(urkle_fast, m) {
   // Gaussian KL (SPEC section 2). reduction: 0 none -> [B], 1 sum -> [], 2 mean -> []; float32 out.
   m.def("gaussian_kl_fwd_native(Tensor mu_p, Tensor logvar_p, Tensor mu_q, Tensor logvar_q, int reduction) "
@@ -36,8 +38,8 @@ namespace {
 PyModuleDef urkle_fast_c_module = {
     PyModuleDef_HEAD_INIT,
     "_C",
-    "urkle_fast native kernels; the ops are torch.ops.urkle_fast.*_native. WITH_CUDA says whether CUDA "
-    "kernels were compiled in.",
+    "urkle_fast native kernels; the ops are torch.ops.urkle_fast.*_native. WITH_CUDA: whether CUDA kernels "
+    "were compiled in; CPU_CAPABILITY: the copy of the CPU loops in use (DEFAULT, AVX2, AVX512).",
     -1,
     nullptr,
 };
@@ -57,6 +59,11 @@ PyMODINIT_FUNC PyInit__C(void) {
   Py_INCREF(with_cuda);
   if (PyModule_AddObject(mod, "WITH_CUDA", with_cuda) < 0) {
     Py_DECREF(with_cuda);
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  // which copy of the CPU inner loops runs here: "DEFAULT", "AVX2" or "AVX512" (ATEN_CPU_CAPABILITY lowers it)
+  if (PyModule_AddStringConstant(mod, "CPU_CAPABILITY", urkle_fast::cpu::kernels().name) < 0) {
     Py_DECREF(mod);
     return nullptr;
   }

@@ -35,8 +35,8 @@ def _configs():
     return [
         triton.Config({"TILE": 1024}, num_warps=4),
         triton.Config({"TILE": 2048}, num_warps=4),
+        triton.Config({"TILE": 2048}, num_warps=8),
         triton.Config({"TILE": 4096}, num_warps=8),
-        triton.Config({"TILE": 8192}, num_warps=8),
     ]
 
 

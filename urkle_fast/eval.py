@@ -94,16 +94,21 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
     atk = dict(steps=attack_steps, alpha=alpha, eot_iter=eot_iter, batch_size=batch_size, seed=seed, device=device)
 
     def attack_all(clf: ProbabilisticClassifier, tag: str) -> dict:
+        """clean, PGD and APGD accuracy per eps, and "both": correct under PGD and under APGD (per sample,
+        as AutoAttack counts an ensemble)."""
         r: dict[str, Any] = {"clean": accuracy(clf, x_test, y_test, batch_size=batch_size, device=device), "pgd": {}}
+        ok_pgd = {}
         for e in eps_list:
             clf.reseed(seed + 1)
-            r["pgd"][str(e)] = robust_accuracy(clf, x_test, y_test, attack="pgd", eps=e, desc=f"{tag} PGD {e:.4g}", **atk)
+            r["pgd"][str(e)], ok_pgd[e] = robust_accuracy(clf, x_test, y_test, attack="pgd", eps=e, return_correct=True,
+                                                          desc=f"{tag} PGD {e:.4g}", **atk)
         if apgd_steps:
-            r["apgd"] = {}
+            r["apgd"], r["both"] = {}, {}
             for e in eps_list:
                 clf.reseed(seed + 2)
-                r["apgd"][str(e)] = robust_accuracy(clf, x_test, y_test, attack="apgd", eps=e,
-                                                    desc=f"{tag} APGD {e:.4g}", **{**atk, "steps": apgd_steps})
+                r["apgd"][str(e)], ok = robust_accuracy(clf, x_test, y_test, attack="apgd", eps=e, return_correct=True,
+                                                        desc=f"{tag} APGD {e:.4g}", **{**atk, "steps": apgd_steps})
+                r["both"][str(e)] = (ok & ok_pgd[e]).float().mean().item() if len(ok) else 0.0
         return r
 
     for name, (model, config) in models.items():
@@ -155,10 +160,11 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
                                                    f"{name} on {dataset}: PGD-{attack_steps}, n = {n_sw}")]
             if model.kind == "representation" and fig2_images > 0:
                 k = min(fig2_images, len(x_test))
+                fig_eps = next((e for e in eps_list if e > 0), DEFAULT_EPS[dataset][0])
                 entry["plots"].append(plot_z_projection(
                     model, x_test[:k].to(device), y_test[:k], os.path.join(out_dir, f"zspace_{_slug(name)}.png"),
-                    eps=eps_list[0] if eps_list else 0.1, steps=attack_steps, seed=seed,
-                    title=f"{name}: 20 z samples per image (o) and per Urkle adversary (x), eps = {eps_list[0] if eps_list else 0.1:g}"))
+                    eps=fig_eps, steps=attack_steps, seed=seed,
+                    title=f"{name}: 20 z samples per image (o) and per Urkle adversary (x), eps = {fig_eps:g}"))
         entry["wall_s"] = round(time.time() - t0, 2)
         results["models"][name] = entry
         if verbose:

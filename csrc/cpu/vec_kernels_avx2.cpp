@@ -4,6 +4,8 @@
 #ifdef URKLE_FAST_X86_DISPATCH
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
 #pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // g++ does not define the ISA macros for `#pragma GCC target` in C++; sleef.h and at::vec test them.
 #ifndef __AVX__
 #define __AVX__ 1

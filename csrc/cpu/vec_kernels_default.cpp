@@ -1,4 +1,5 @@
 // The portable copy of the inner loops (at::vec's generic Vectorized), plus the capability choice.
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
 #define CPU_CAPABILITY DEFAULT
 #include "vec_kernels_impl.h"
 

@@ -49,13 +49,26 @@ template <>
 inline void store_f<float>(float* p, const fVec& v) {
   v.store(p);
 }
+// one float vector -> kW reduced-precision values, round to nearest even as c10 does
 template <>
 inline void store_f<c10::BFloat16>(c10::BFloat16* p, const fVec& v) {
-  at::vec::convert_float_bfloat16(v, v).store(p, kW);  // round to nearest even, as c10 does
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_bf16(__m256(v)));
+#else
+  at::vec::convert_float_bfloat16(v, v).store(p, kW);
+#endif
 }
 template <>
 inline void store_f<c10::Half>(c10::Half* p, const fVec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_fp16(__m512(v)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_fp16(__m256(v)));
+#else
   at::vec::convert_float_half(v, v).store(p, kW);
+#endif
 }
 
 inline float hsum(const fVec& v) {

@@ -97,12 +97,29 @@ def _mnist(root: Path, split: str) -> InMemoryDataset:
 
 
 def _cifar_pickle(name: str, root: Path, split: str) -> InMemoryDataset:
-    import torchvision
+    """torchvision's CIFAR python pickles, read directly (no md5 check, so re-packed copies load)."""
+    import pickle
 
-    ctor = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    ds = ctor(str(root), train=(split == "train"), download=False)
-    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC uint8 -> NCHW
-    return InMemoryDataset(images, torch.tensor(ds.targets), ds.classes)
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    if name == "cifar10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        label_key, meta, names_key = "labels", "batches.meta", "label_names"
+    else:
+        files = ["train"] if split == "train" else ["test"]
+        label_key, meta, names_key = "fine_labels", "meta", "fine_label_names"
+    data, labels = [], []
+    for f in files:
+        if not (folder / f).is_file():
+            raise DataRootError(f"{name}: {str(folder / f)!r} is missing (expected torchvision's {folder.name}/ layout)")
+        with open(folder / f, "rb") as fh:
+            entry = pickle.load(fh, encoding="latin1")
+        data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(entry[label_key])
+    classes = []
+    if (folder / meta).is_file():
+        with open(folder / meta, "rb") as fh:
+            classes = pickle.load(fh, encoding="latin1").get(names_key, [])
+    return InMemoryDataset(torch.from_numpy(np.concatenate(data)), torch.tensor(labels), classes)
 
 
 class FolderDataset(Dataset):

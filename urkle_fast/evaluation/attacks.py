@@ -60,11 +60,15 @@ def pgd_linf(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, st
 
 
 def _apgd_checkpoints(n_iter: int) -> list[int]:
-    # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)  (Croce & Hein 2020, sec. 3.2)
-    p = [0.0, 0.22]
-    while p[-1] < 1:
-        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return sorted({math.ceil(q * n_iter) for q in p[1:] if math.ceil(q * n_iter) <= n_iter})
+    """Iterations after which APGD may halve its step: p_0 = 0, p_1 = 0.22, p_{j+1} = p_j +
+    max(p_j - p_{j-1} - 0.03, 0.06) (Croce & Hein 2020, sec. 3.2), in AutoAttack's integer form."""
+    first, decr, least = max(int(0.22 * n_iter), 1), max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
+    out, k, h = [], 0, first
+    while k + h <= n_iter:
+        k += h
+        out.append(k)
+        h = max(h - decr, least)
+    return out
 
 
 def apgd_ce(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
@@ -119,7 +123,7 @@ def apgd_ce(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, ste
             x_best[better], loss_best[better], grad_best[better] = x_adv[better], loss[better], grad[better]
             if k + 1 in checkpoints:
                 h = k + 1 - last_check
-                osc = increases < rho * h  # condition 1: too few successful steps
+                osc = increases <= rho * h  # condition 1: too few successful steps (AutoAttack: t <= k * rho)
                 stall = ~reduced_last_check & (loss_best <= loss_best_last_check)  # condition 2
                 cut = osc | stall
                 step[cut] /= 2.0
@@ -134,16 +138,17 @@ def apgd_ce(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, ste
 
 def robust_accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: str, eps: float,
                     steps: int, alpha: Optional[float] = None, eot_iter: int = 1, batch_size: int = 256,
-                    seed: int = 0, device=None, desc: str = "") -> float:
+                    seed: int = 0, device=None, desc: str = "", return_correct: bool = False):
     """Accuracy on attacked x: the adversaries are re-evaluated with fresh z samples.
 
-    attack: "pgd" or "apgd". x [N, ...] on any device (moved per batch), y [N].
+    attack: "pgd" or "apgd". x [N, ...] on any device (moved per batch), y [N]. Returns the accuracy
+    (float), or (accuracy, per-sample correctness [N] bool) with return_correct=True.
     """
     if attack not in ("pgd", "apgd"):
         raise ValueError(f"unknown attack {attack!r}")
     device = device or next(clf.parameters()).device
     clf.eval()
-    correct = 0
+    correct = []
     for bi, i in enumerate(tqdm(range(0, len(x), batch_size), desc=desc or f"{attack} eps={eps:.4g}", leave=False)):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
         if eps <= 0:
@@ -153,5 +158,7 @@ def robust_accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack:
         else:
             xa = apgd_ce(clf, xb, yb, eps=eps, steps=steps, eot_iter=eot_iter, seed=seed + bi)
         with torch.no_grad():
-            correct += (clf(xa).argmax(-1) == yb).sum().item()
-    return correct / max(1, len(x))
+            correct.append((clf(xa).argmax(-1) == yb).cpu())
+    ok = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+    acc = ok.float().sum().item() / max(1, len(x))
+    return (acc, ok) if return_correct else acc

@@ -27,17 +27,19 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines.append(
         f"White-box l_inf PGD: {s['attack_steps']} steps of {s['alpha_desc']}, random start, model in eval mode, "
         f"cross-entropy of the averaged prediction over S = {s['samples']} z samples (EOT x{s['eot_iter']}). "
-        + (f"APGD-CE: {s['apgd_steps']} steps. " if s["apgd_steps"] else "APGD-CE: not run. ")
+        + (f"APGD-CE: {s['apgd_steps']} steps; PGD&APGD: correct under both (per sample). " if s["apgd_steps"]
+           else "APGD-CE: not run. ")
         + (f"Bounded softmax M = {s['bounded_M']}. " if s.get("bounded_M") is not None else "")
         + "Supervised baselines have no head and no z: their row is the same in every table."
     )
     lines.append("")
-    attacks = ["pgd"] + (["apgd"] if s["apgd_steps"] else [])
+    attacks = ["pgd"] + (["apgd", "both"] if s["apgd_steps"] else [])
+    names = {"pgd": "PGD", "apgd": "APGD", "both": "PGD&APGD"}
     for budget in results["label_budgets"]:
         for path, title in (("samples", f"prediction averaged over S = {s['samples']} samples"), ("mu", "z = mu")):
             lines.append(f"## Labels: {budget}; {title}")
             lines.append("")
-            head = ["model", "clean"] + [f"{a.upper()} {eps_label(e)}" for a in attacks for e in eps_list]
+            head = ["model", "clean"] + [f"{names[a]} {eps_label(e)}" for a in attacks for e in eps_list]
             lines.append("| " + " | ".join(head) + " |")
             lines.append("|" + " --- |" * len(head))
             for name, m in results["models"].items():

@@ -1,0 +1,46 @@
+"""Multi-view NT-Xent: fused op (no N x N logits) vs eager reference vs torch.compile(reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DEVICE, compiled, run_case
+from urkle_fast import nt_xent, nt_xent_reference
+
+# (V, B, d, dtype): N = V * B rows
+CASES = {
+    "cpu": [(4, 1024, 128, torch.float32)],
+    "cuda": [(4, 4096, 128, torch.bfloat16), (4, 16384, 128, torch.bfloat16)],
+}[DEVICE]
+
+TAU = 0.5
+_compiled = {}
+
+
+def _impl(variant: str):
+    if variant == "fused":
+        return nt_xent
+    if variant == "eager":
+        return nt_xent_reference
+    return _compiled.setdefault("ntx", compiled(nt_xent_reference))
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("V,B,d,dtype", CASES, ids=[f"V{v}-B{b}-d{d}-{str(t)[6:]}" for v, b, d, t in CASES])
+def bench_nt_xent(benchmark, variant, mode, V, B, d, dtype):
+    N = V * B
+    g = torch.Generator(device="cpu").manual_seed(0)
+    z = torch.randn(N, d, generator=g).to(device=DEVICE, dtype=dtype).requires_grad_(mode == "fwd_bwd")
+    fn = _impl(variant)
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                return fn(z, views=V, temperature=TAU)
+        flops = 2.0 * N * N * d
+    else:
+        def call():
+            return torch.autograd.grad(fn(z, views=V, temperature=TAU), z)
+        flops = 6.0 * N * N * d
+    run_case(benchmark, op="nt_xent", mode=mode, case=f"V={V} B={B} d={d} {str(dtype)[6:]}", variant=variant,
+             fn=call, dtype=dtype, shape=(N, d), flops=flops)

@@ -1,0 +1,149 @@
+"""Shared setup of the pytest-benchmark suites (bench_*.py; bench/pytest.ini collects them).
+
+Every suite times three variants of one op on the SAME inputs in the SAME run (Liger-Kernel's
+benchmark layout):
+
+* ``fused``    -- the public op (``urkle_fast.gaussian_kl`` / ``pgd_step_`` / ``nt_xent``): the C++ kernels
+                  of urkle_fast._C on the CPU, Triton on CUDA;
+* ``eager``    -- the pure-torch reference of the same op;
+* ``compiled`` -- ``torch.compile`` of that reference.
+
+Run:  pytest bench/ --benchmark-only [--benchmark-json out.json];  python bench/report.py out.json
+URKLE_FAST_BENCH_DEVICE=cpu|cuda overrides the device (default: cuda when present).
+
+Each benchmark records in ``extra_info``: op, mode, case, variant, device name, dtype, shape, the peak
+extra memory of one call (``peak_mem_bytes``, see :func:`peak_memory`) and the achieved GB/s (KL, PGD:
+each input read once + each output written once, over the median) or TFLOP/s (NT-Xent: 2 N^2 d forward,
+4 N^2 d backward, the matmul FLOPs a materialising implementation needs).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Callable
+
+# the public ops' optional finiteness checks read every element: off, so the kernels are what is timed
+os.environ["URKLE_FAST_CHECK_FINITE"] = "0"
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".torchinductor"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+VARIANTS = ("fused", "eager", "compiled")
+
+torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+
+def bench_device() -> str:
+    dev = os.environ.get("URKLE_FAST_BENCH_DEVICE", "").strip().lower()
+    if dev:
+        if dev not in ("cpu", "cuda"):
+            raise ValueError(f"URKLE_FAST_BENCH_DEVICE: expected 'cpu' or 'cuda', got {dev!r}")
+        return dev
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+DEVICE = bench_device()
+
+
+def device_name(device: str = DEVICE) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)"
+
+
+def sync(device: str = DEVICE) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory(fn: Callable[[], object], device: str = DEVICE) -> int:
+    """Peak bytes allocated by one call of ``fn`` beyond what was live before it.
+
+    CUDA: the caching allocator's own counters (``max_memory_allocated`` after a reset, minus the bytes
+    allocated before the call). CPU: torch.profiler with ``profile_memory=True`` records every
+    allocation and free that goes through c10's CPU allocator (all ATen tensors, including the ones the
+    C++ kernels and inductor's generated code allocate); the running sum of those events in time order
+    peaks at the answer. Memory that BLAS (MKL) allocates internally is not seen, for every variant
+    alike. Tensors the call returns count (they were allocated during it); freed ones count until freed.
+    """
+    if device == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        sync(device)
+        return int(torch.cuda.max_memory_allocated() - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return int(peak)
+
+
+def timed(fn: Callable[[], object], device: str = DEVICE) -> Callable[[], object]:
+    """``fn`` followed by a device sync, so a benchmark round covers the whole GPU work."""
+    if device != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
+
+
+def run_case(benchmark, *, op: str, mode: str, case: str, variant: str, fn: Callable[[], object],
+             dtype: torch.dtype, shape, nbytes: int | None = None, flops: float | None = None) -> None:
+    """Warm up ``fn`` (compiles the compiled variant), time it, then measure its peak memory."""
+    benchmark.group = f"{op} | {mode} | {case}"
+    benchmark.extra_info.update(op=op, mode=mode, case=case, variant=variant, device=DEVICE,
+                                device_name=device_name(), dtype=str(dtype).replace("torch.", ""),
+                                shape=str(tuple(shape)), torch=torch.__version__)
+    try:
+        fn()  # warm-up: compiles, fills caches, faults the pages in
+        sync()
+    except torch.OutOfMemoryError as exc:  # e.g. the materialising reference at N = 65536 on one GPU
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        pytest.skip(f"{variant}: out of memory ({str(exc).splitlines()[0]})")
+    benchmark(timed(fn))
+    stats = getattr(benchmark, "stats", None)
+    median = stats.stats.median if stats is not None else None
+    if median:
+        if nbytes is not None:
+            benchmark.extra_info["gbps"] = nbytes / median / 1e9
+        if flops is not None:
+            benchmark.extra_info["tflops"] = flops / median / 1e12
+    benchmark.extra_info["peak_mem_bytes"] = peak_memory(fn)
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request) -> str:
+    return request.param
+
+
+def pytest_report_header(config):
+    return [f"urkle_fast bench: device {DEVICE} = {device_name()}; torch {torch.__version__}"]

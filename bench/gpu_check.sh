@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# One script for a lent GPU machine (torch 2.11, triton 3.6, no DALI, nothing installable, no network).
+#
+#   OUT=/some/dir bash bench/gpu_check.sh [STAGE...]      (from anywhere; it cds to the repository root)
+#
+# Stages, in order (default: all of them):
+#   env        versions, GPU, nvcc                          -> $OUT/env.md
+#   build      python setup.py build_ext --inplace          -> $OUT/build.log (CUDA kernels when nvcc is there)
+#   tests      pytest -m gpu tests/                         -> $OUT/tests.log, $OUT/tests.xml, $OUT/tests.md
+#   bandwidth  big tensor copy, GB/s                        -> $OUT/bandwidth.md
+#   bench      pytest bench/ --benchmark-only               -> $OUT/bench.json, $OUT/bench.log, $OUT/bench.md
+# Every stage appends a line to $OUT/summary.md; the exit status is non-zero when any stage failed.
+# One call of the device tool allows 10 minutes: run "env build tests" and "bandwidth bench" as two calls
+# on the same warm machine if all of them do not fit (the in-place build stays between calls).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python}
+OUT=${OUT:-$ROOT/gpu_check_out}
+mkdir -p "$OUT"
+
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0"}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export TRITON_INTERPRET=0  # tests/conftest.py defaults it to 1 for CPU-only machines
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$ROOT/.torchinductor}
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # nothing is pip-installed there: import from the tree
+
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(env build tests bandwidth bench)
+status=0
+[ -f "$OUT/summary.md" ] || printf '| stage | exit status | seconds |\n|---|---:|---:|\n' > "$OUT/summary.md"
+
+run_stage() {  # run_stage NAME CMD...: log to $OUT/NAME.log, one summary line
+  local name=$1 t0=$SECONDS rc
+  shift
+  echo "== $name: $*"
+  "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "| $name | $rc | $((SECONDS - t0)) |" >> "$OUT/summary.md"
+  echo "   exit $rc after $((SECONDS - t0)) s (log: $OUT/$name.log)"
+  [ $rc -ne 0 ] && status=1
+  return $rc
+}
+
+stage_env() {
+  {
+    echo "## Environment"
+    echo
+    echo '```'
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
+    "$PY" - <<'PYEOF'
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as exc:
+    print("triton: not importable:", exc)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("GPU", p.name, f"{p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs, cc {p.major}.{p.minor}")
+PYEOF
+    "$CUDA_HOME/bin/nvcc" --version 2>&1 | tail -2
+    echo '```'
+  } > "$OUT/env.md" 2>&1
+}
+
+stage_build() {
+  "$PY" setup.py build_ext --inplace && "$PY" - <<'PYEOF'
+from urkle_fast import _C
+print("urkle_fast._C: WITH_CUDA =", _C.WITH_CUDA, "| CPU_CAPABILITY =", getattr(_C, "CPU_CAPABILITY", "?"))
+PYEOF
+}
+
+stage_tests() {
+  "$PY" -m pytest -m gpu tests/ -q -rfEs -p no:cacheprovider --junitxml="$OUT/tests.xml"
+  local rc=$?
+  "$PY" - "$OUT/tests.xml" > "$OUT/tests.md" <<'PYEOF'
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else list(root)
+tot = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+print("## GPU tests (pytest -m gpu tests/)\n")
+print("| tests | passed | failed | errors | skipped |\n|---:|---:|---:|---:|---:|")
+passed = tot["tests"] - tot["failures"] - tot["errors"] - tot["skipped"]
+print(f"| {tot['tests']} | {passed} | {tot['failures']} | {tot['errors']} | {tot['skipped']} |\n")
+bad = [(c.get("classname"), c.get("name"), (c.find("failure") if c.find("failure") is not None else c.find("error")))
+       for s in suites for c in s.iter("testcase") if c.find("failure") is not None or c.find("error") is not None]
+for cls, name, el in bad:
+    msg = (el.get("message") or "").splitlines()[0][:200] if el is not None else ""
+    print(f"- FAILED {cls}::{name}: {msg}")
+PYEOF
+  return $rc
+}
+
+stage_bandwidth() {
+  "$PY" bench/bandwidth.py --device cuda > "$OUT/bandwidth.md"
+}
+
+stage_bench() {
+  "$PY" -m pytest bench/ --benchmark-only --benchmark-json "$OUT/bench.json" -q
+  local rc=$?
+  [ -f "$OUT/bench.json" ] && "$PY" bench/report.py "$OUT/bench.json" --title "GPU benchmarks" > "$OUT/bench.md"
+  return $rc
+}
+
+for s in "${STAGES[@]}"; do
+  case $s in
+    env | build | tests | bandwidth | bench) run_stage "$s" "stage_$s" ;;
+    *) echo "unknown stage $s (env build tests bandwidth bench)" >&2; status=2 ;;
+  esac
+done
+echo "summary: $OUT/summary.md"
+cat "$OUT/summary.md"
+exit $status

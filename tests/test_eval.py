@@ -1,0 +1,217 @@
+"""urkle_fast.eval: downstream head, averaged prediction, attacks, outputs, errors (digits, CPU, < ~90 s)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from urkle_fast.checkpoint import CheckpointError
+from urkle_fast.eval import evaluate_checkpoints, evaluate_models, load_checkpoint, main
+from urkle_fast.evaluation.attacks import _apgd_checkpoints, robust_accuracy
+from urkle_fast.evaluation.datasets import load_split
+from urkle_fast.evaluation.probe import (ProbabilisticClassifier, balanced_subset, bounded_log_probs, make_head,
+                                         train_head)
+
+
+class TinyStandard(nn.Module):
+    """Undefended supervised MLP on 8x8 digits (the 'Standard' row)."""
+
+    kind = "supervised"
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def logits(self, x):
+        return self.net(x)
+
+
+class TinyRep(nn.Module):
+    """Probabilistic encoder x -> (mu, logvar) with a settable log-variance offset."""
+
+    kind = "representation"
+    d_z = 16
+
+    def __init__(self, logvar_offset: float = -2.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+        self.logvar_offset = logvar_offset
+
+    def encode(self, x):
+        h = self.net(x)
+        return h[:, :16], torch.tanh(h[:, 16:]) + self.logvar_offset
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models on a shared 2-core machine: one intra-op thread is ~20x faster than two fighting threads
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_split("digits", "train"), load_split("digits", "test")
+
+
+@pytest.fixture(scope="module")
+def standard(digits):
+    train, _ = digits
+    torch.manual_seed(0)
+    m = TinyStandard()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = F.cross_entropy(m.logits(train.x), train.y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+def test_standard_no_gradient_masking(digits, standard):
+    """Accuracy of an undefended model falls monotonically with eps to ~0; APGD is at least as strong as PGD."""
+    _, test = digits
+    x, y = test.x[:200], test.y[:200]
+    clf = ProbabilisticClassifier(standard)
+    eps = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5]
+    acc = [robust_accuracy(clf, x, y, attack="pgd", eps=e, steps=20, seed=0) for e in eps]
+    assert acc[0] > 0.9, acc
+    assert all(b <= a + 1e-9 for a, b in zip(acc, acc[1:])), acc
+    assert acc[-1] <= 0.02, acc
+    for e in (0.05, 0.1):
+        pgd = robust_accuracy(clf, x, y, attack="pgd", eps=e, steps=20, seed=0)
+        apgd = robust_accuracy(clf, x, y, attack="apgd", eps=e, steps=20, seed=0)
+        assert apgd <= pgd + 0.02, (e, pgd, apgd)
+
+
+def test_apgd_checkpoints_match_croce_hein():
+    # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06): AutoAttack's 100-iteration schedule
+    assert _apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+
+
+def test_balanced_subset_is_balanced_and_seeded(digits):
+    y = digits[0].y
+    a = balanced_subset(y, 105, seed=3)
+    assert torch.equal(a, balanced_subset(y, 105, seed=3))
+    assert not torch.equal(a, balanced_subset(y, 105, seed=4))
+    assert len(a) == 105 and len(set(a.tolist())) == 105
+    counts = torch.bincount(y[a], minlength=10)
+    assert counts.sum() == 105 and counts.min() >= 10 and counts.max() <= 11, counts
+    assert torch.equal(balanced_subset(y, "all"), torch.arange(len(y)))
+    with pytest.raises(ValueError, match="exceeds"):
+        balanced_subset(y, 5000)
+    with pytest.raises(ValueError):
+        balanced_subset(y, "some")
+
+
+def test_averaged_prediction_equals_mu_path_when_logvar_to_minus_inf(digits):
+    x = digits[1].x[:64]
+    torch.manual_seed(0)
+    head = make_head("mlp3", 16, 10).eval()
+    det = TinyRep(logvar_offset=-1e4).eval()  # sigma = exp(-5e3) = 0 exactly in float32
+    s = ProbabilisticClassifier(det, head, path="samples", samples=10)(x)
+    m = ProbabilisticClassifier(det, head, path="mu")(x)
+    torch.testing.assert_close(s, m, atol=1e-6, rtol=0)
+    noisy = TinyRep(logvar_offset=0.0).eval()
+    noisy.load_state_dict(det.state_dict())
+    s2 = ProbabilisticClassifier(noisy, head, path="samples", samples=10)(x)
+    assert (s2 - ProbabilisticClassifier(noisy, head, path="mu")(x)).abs().max() > 1e-3
+    assert torch.allclose(s2.exp().sum(-1), torch.ones(len(x)), atol=1e-5)
+
+
+def test_bounded_softmax_bounds_nll_by_M():
+    log_p = F.log_softmax(torch.randn(32, 10) * 200, dim=-1)
+    assert (-log_p).max() > 20  # unbounded before
+    for M in (2.5, 5.0, 10.0):
+        b = bounded_log_probs(log_p, M)
+        assert (-b).max() <= M + 1e-5
+        torch.testing.assert_close(b.exp().sum(-1), torch.ones(32))
+        assert torch.equal(b.argmax(-1), log_p.argmax(-1))  # order preserved
+    with pytest.raises(ValueError):
+        bounded_log_probs(log_p, math.log(10) - 0.1)  # C e^-M >= 1
+
+
+def test_head_training_learns_on_frozen_features(digits):
+    train, test = digits
+    # a frozen random feature map with small noise still gives a useful linear probe on digits
+    torch.manual_seed(0)
+    rep = TinyRep(logvar_offset=-6.0).eval()
+    with torch.no_grad():
+        mu, lv = rep.encode(train.x)
+    head = train_head(mu, lv, train.y, num_classes=10, head_kind="linear", epochs=60, lr=1e-2, seed=0)
+    clf = ProbabilisticClassifier(rep, head, samples=4)
+    acc = (clf(test.x).argmax(-1) == test.y).float().mean().item()
+    assert acc > 0.6, acc
+
+
+def test_evaluate_models_writes_table_json_pngs(tmp_path, digits, standard):
+    torch.manual_seed(1)
+    models = {"Standard": (standard, {"method": "standard"}), "Tiny VAE": (TinyRep(), {"method": "vae_urkle"})}
+    res = evaluate_models(models, dataset="digits", eps_list=[0.1, 0.2], out_dir=str(tmp_path),
+                          label_budgets=("all", 100), samples=4, attack_steps=5, apgd_steps=5, n_test=60,
+                          sweep_eps=[0.0, 0.3], sweep_n_test=40, head_epochs=5, fig2_images=2, verbose=False,
+                          splits=digits)
+    for f in ("table.md", "results.json", "accuracy_vs_eps.png", "accuracy_vs_eps_Standard.png",
+              "accuracy_vs_eps_Tiny_VAE.png", "zspace_Tiny_VAE.png"):
+        assert (tmp_path / f).is_file() and (tmp_path / f).stat().st_size > 0, f
+    js = json.loads((tmp_path / "results.json").read_text())
+    assert js["settings"]["n_test"] == 60 and js["label_budgets"] == ["all", "100"]
+    r = js["models"]["Tiny VAE"]["budgets"]["100"]
+    assert r["n_labels"] == 100
+    for path in ("samples", "mu"):
+        assert set(r["paths"][path]["pgd"]) == {"0.1", "0.2"} and set(r["paths"][path]["apgd"]) == {"0.1", "0.2"}
+        assert 0.0 <= r["paths"][path]["clean"] <= 1.0
+        for e in ("0.1", "0.2"):  # correct under both attacks <= correct under either
+            both = r["paths"][path]["both"][e]
+            assert both <= min(r["paths"][path]["pgd"][e], r["paths"][path]["apgd"][e]) + 1e-9
+    md = (tmp_path / "table.md").read_text()
+    assert "| Standard |" in md and "| Tiny VAE |" in md and "PGD 0.1" in md and "APGD 0.2" in md and "PGD&APGD 0.1" in md
+    assert md.count("## Labels:") == 4  # 2 budgets x (S-sample, mu)
+    assert res["models"]["Standard"]["budgets"]["all"]["paths"]["samples"]["clean"] > 0.9
+
+
+def test_checkpoint_roundtrip_and_cli(tmp_path):
+    """A checkpoint written by urkle_fast.train goes through evaluate_checkpoints and the CLI."""
+    from urkle_fast.train import TrainConfig, train
+
+    out = train(TrainConfig(method="standard", dataset="digits", out_dir=str(tmp_path / "std"), epochs=1,
+                            max_steps=3, batch_size=64, progress=False, log_every=1000))
+    ckpt = out["checkpoint"]
+    vae = train(TrainConfig(method="vae_urkle", dataset="digits", out_dir=str(tmp_path / "vae"), epochs=1,
+                            max_steps=2, batch_size=64, pgd_steps=1, progress=False, log_every=1000))["checkpoint"]
+    res = evaluate_checkpoints({"Standard": ckpt, "VAE+Urkle": vae}, dataset="digits", eps_list=[0.0, 0.1],
+                               out_dir=str(tmp_path / "ev"), label_budgets=("all", 50), attack_steps=3, apgd_steps=3,
+                               n_test=30, sweep_eps=[0.0, 0.5], sweep_n_test=20, head_epochs=2, verbose=False)
+    assert res["models"]["Standard"]["kind"] == "supervised"
+    assert res["models"]["Standard"]["checkpoint"] == ckpt
+    assert res["models"]["VAE+Urkle"]["kind"] == "representation"
+    assert res["models"]["VAE+Urkle"]["budgets"]["50"]["n_labels"] == 50
+    r = res["models"]["VAE+Urkle"]["budgets"]["all"]["paths"]["samples"]
+    assert set(r["pgd"]) == {"0.0", "0.1"} and 0.0 <= r["both"]["0.1"] <= r["pgd"]["0.1"]
+    assert (tmp_path / "ev" / "zspace_VAE_Urkle.png").is_file()
+    cli = main(["--checkpoint", ckpt, "--name", "Std", "--eps", "0.1", "--out", str(tmp_path / "cli"),
+                "--attack-steps", "2", "--apgd-steps", "0", "--n-test", "20", "--no-plots"])
+    assert (tmp_path / "cli" / "table.md").is_file() and "Std" in cli["models"]
+    assert cli["settings"]["apgd_steps"] == 0
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"this is not a torch checkpoint\x00\x01")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        evaluate_checkpoints({"x": str(bad)}, dataset="digits", eps_list=[0.1], out_dir=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="unknown dataset"):
+        evaluate_checkpoints({"x": str(bad)}, dataset="svhn", eps_list=[0.1], out_dir=str(tmp_path / "o"))
+    with pytest.raises(FileNotFoundError):
+        evaluate_checkpoints({"x": str(tmp_path / "nope.pt")}, dataset="digits", eps_list=[0.1],
+                             out_dir=str(tmp_path / "o"))

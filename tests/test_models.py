@@ -1,0 +1,96 @@
+"""The model protocol eval relies on, and the architectures of SPEC sec 1."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from urkle_fast.models import DETERMINISTIC_LOGVAR, GaussianHead, build_model
+from urkle_fast.train import TrainConfig, resolve_config
+
+
+def _cfg(method, dataset="digits", **kw):
+    c = resolve_config(TrainConfig(method=method, dataset=dataset, **kw))
+    c.num_classes = 10
+    return vars(c)
+
+
+@pytest.mark.parametrize("method,dataset,shape", [
+    ("simclr_urkle", "digits", (1, 8, 8)), ("simclr", "mnist", (1, 28, 28)), ("rocl", "digits", (1, 8, 8)),
+    ("vae_urkle", "mnist", (1, 28, 28)), ("ae_trades", "digits", (1, 8, 8)),
+    ("standard", "digits", (1, 8, 8)), ("at", "mnist", (1, 28, 28)), ("trades", "digits", (1, 8, 8)),
+])
+def test_protocol(method, dataset, shape):
+    model = build_model(_cfg(method, dataset)).eval()
+    x = torch.rand(3, *shape)
+    if model.kind == "supervised":
+        assert model.logits(x).shape == (3, 10)
+        return
+    assert model.kind == "representation"
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (3, model.d_z)
+    z = model.sample(mu, logvar)
+    if method in ("simclr_urkle", "simclr", "rocl"):
+        assert model.project(z).shape[0] == 3
+    else:
+        r = model.decode(z)
+        assert r.shape == (3, *shape) and 0 <= r.min() and r.max() <= 1
+    if method == "ae_trades":
+        assert model.deterministic and torch.all(logvar == DETERMINISTIC_LOGVAR)
+        torch.testing.assert_close(model.sample(mu, logvar), mu, atol=1e-3, rtol=0)
+    else:
+        assert not model.deterministic
+
+
+@pytest.mark.parametrize("arch,d_z", [("resnet18", 512), ("resnet50", 2048)])
+def test_resnet_cifar_stem(arch, d_z):
+    model = build_model(_cfg("simclr_urkle", "cifar10", arch=arch, d_z=None)).eval()
+    conv1 = model.backbone.conv1
+    assert conv1.kernel_size == (3, 3) and conv1.stride == (1, 1)
+    assert isinstance(model.backbone.maxpool, nn.Identity)
+    assert model.d_z == d_z
+    with torch.no_grad():
+        mu, logvar = model.encode(torch.rand(2, 3, 32, 32))
+    assert mu.shape == (2, d_z)
+
+
+def test_imagenet_stem_keeps_maxpool():
+    model = build_model(_cfg("simclr", "imagenet", arch="resnet18"))
+    assert model.backbone.conv1.kernel_size == (7, 7) and not isinstance(model.backbone.maxpool, nn.Identity)
+
+
+def test_mnist_encoder_and_decoder_follow_spec():
+    model = build_model(_cfg("vae_urkle", "mnist"))
+    convs = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 4 and all(c.kernel_size == (3, 3) for c in convs) and convs[-1].out_channels == 128
+    assert any(isinstance(m, nn.AdaptiveAvgPool2d) for m in model.backbone.modules())
+    assert model.d_z == 128
+    assert sum(isinstance(m, nn.ConvTranspose2d) for m in model.decoder.modules()) == 4
+
+
+def test_gaussian_head_variance_param():
+    h = torch.randn(64, 16) * 10
+    soft = GaussianHead(16, 8, "softplus", sigma_min=0.05)
+    _, logvar = soft(h)
+    assert torch.all(torch.exp(0.5 * logvar) >= 0.05 - 1e-6)
+    exp = GaussianHead(16, 8, "exp")
+    _, logvar = exp(h)
+    assert torch.isfinite(logvar).all()
+    with pytest.raises(ValueError, match="variance"):
+        GaussianHead(16, 8, "relu")
+
+
+def test_normalisation_inside_the_model():
+    cfg = _cfg("simclr", "digits")
+    model = build_model(cfg).eval()
+    x = torch.rand(4, 1, 8, 8)
+    h = model.backbone((x - cfg["pixel_mean"][0]) / cfg["pixel_std"][0])
+    torch.testing.assert_close(model.encode(x)[0], model.head(h)[0])
+
+
+def test_unknown_method_and_arch():
+    with pytest.raises(ValueError, match="unknown method"):
+        build_model(dict(_cfg("simclr"), method="byol"))
+    with pytest.raises(ValueError, match="unknown arch"):
+        build_model(dict(_cfg("simclr"), arch="vit"))
+    with pytest.raises(ValueError, match="needs a decoder"):
+        build_model(_cfg("vae_urkle", "cifar10"))

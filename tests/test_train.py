@@ -1,0 +1,234 @@
+"""The trainer: every method learns, exact resume, SIGTERM, clear errors, non-finite loss, compile."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from urkle_fast import methods as methods_mod
+from urkle_fast.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from urkle_fast.data import as_tensors, load_dataset, MultiViewAugment
+from urkle_fast.models import build_model
+from urkle_fast.train import (LARS, NonFiniteLossError, TrainConfig, compile_model, main, param_groups,
+                              resolve_config, train)
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+# a tiny but real run: 128 digits, batch 32 -> 4 steps per epoch, 2 PGD steps
+TINY = dict(dataset="digits", train_subset=128, batch_size=32, epochs=2, pgd_steps=2, warmup_epochs=1,
+            progress=False, log_every=1, threads=1, base_lr=1.0, trust_coef=0.02)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(method, **kw):
+    c = resolve_config(TrainConfig(method=method, **{**TINY, **kw}))
+    c.num_classes = 10
+    return c
+
+
+@pytest.mark.parametrize("method", sorted(methods_mod.METHODS))
+def test_every_method_loss_falls_on_a_fixed_batch(method):
+    cfg = _cfg(method, eps=0.1, pgd_steps=2, pgd_alpha=0.05, beta_robust=0.1 if method != "trades" else 6.0)
+    torch.manual_seed(0)
+    model = build_model(vars(cfg)).train()
+    x, y = as_tensors(load_dataset("digits", split="train"), limit=64)
+    views = MultiViewAugment(methods_mod.NUM_VIEWS[method], 8, cfg.augment)(x, torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        torch.manual_seed(1)  # same z samples and random starts each step: the objective is a fixed function
+        loss, metrics = methods_mod.METHODS[method](model, views, y, cfg)
+        assert loss.dtype == torch.float32 and loss.ndim == 0 and torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], f"{method}: {losses}"
+
+
+def _params(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = train(TrainConfig(method="simclr_urkle", out_dir=str(tmp_path / "full"), **TINY))
+    part = train(TrainConfig(method="simclr_urkle", out_dir=str(tmp_path / "part"), max_steps=3, **TINY))
+    assert part["step"] == 3
+    # resume takes the computation-defining settings from the checkpoint
+    resumed = train(TrainConfig(method="simclr_urkle", out_dir=str(tmp_path / "part"), resume="auto",
+                                **{**TINY, "base_lr": 123.0}))
+    assert resumed["step"] == full["step"] == 8
+    assert resumed["loss"] == full["loss"]
+    a, b = _params(full["checkpoint"]), _params(resumed["checkpoint"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = load_checkpoint(full["checkpoint"]), load_checkpoint(resumed["checkpoint"])
+    assert sa["scheduler"] == sb["scheduler"]
+    assert torch.equal(sa["rng"]["torch"], sb["rng"]["torch"])
+
+
+def test_sigterm_leaves_a_loadable_checkpoint_and_resume_matches(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "urkle_fast.train", "--method", "simclr_urkle", "--dataset", "digits",
+           "--epochs", "8", "--batch-size", "32", "--train-subset", "128", "--pgd-steps", "2",
+           "--warmup-epochs", "1", "--base-lr", "1.0", "--trust-coef", "0.02",
+           "--log-every", "1", "--threads", "1", "--no-progress", "--out-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not metrics.exists() or metrics.stat().st_size == 0):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM" in err and "--resume" in err
+    model, config = load_model(out / "checkpoint.pt")
+    assert model.kind == "representation" and config["method"] == "simclr_urkle"
+    stopped_at = load_checkpoint(out / "checkpoint.pt")["step"]
+    assert 1 <= stopped_at < 32
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    # the killed run, resumed, ends exactly where an uninterrupted run ends
+    resumed = train(TrainConfig(out_dir=str(out), resume="auto", progress=False, threads=1))
+    full = train(TrainConfig(method="simclr_urkle", out_dir=str(tmp_path / "full"), **{**TINY, "epochs": 8}))
+    assert resumed["step"] == full["step"] == 32
+    a, b = _params(full["checkpoint"]), _params(resumed["checkpoint"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert main(["--dataset", "mnist", "--data-root", str(tmp_path / "missing"), "--out-dir", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "wrong").mkdir()
+    (tmp_path / "wrong" / "images.bin").write_bytes(b"\0")
+    assert main(["--dataset", "cifar10", "--data-root", str(tmp_path / "wrong"), "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "cifar-10-batches-py" in err and "ImageFolder" in err
+    for flag, value in (("--method", "byol"), ("--dataset", "svhn")):
+        with pytest.raises(SystemExit) as exc:
+            main([flag, value])
+        assert exc.value.code == 2
+        assert "invalid choice" in capsys.readouterr().err
+    bad = tmp_path / "bad" / "checkpoint.pt"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a checkpoint at all")
+    assert main(["--out-dir", str(bad.parent), "--resume"]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "none.pt")
+    save_checkpoint({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not an urkle_fast checkpoint"):
+        load_model(tmp_path / "foreign.pt")
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    r = train(TrainConfig(method="standard", out_dir=str(tmp_path), **{**TINY, "epochs": 1}))
+    data = Path(r["checkpoint"]).read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(tmp_path / "cut.pt")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = methods_mod.METHODS["simclr"]
+    calls = {"n": 0}
+
+    def poisoned(model, views, y, cfg):
+        calls["n"] += 1
+        loss, m = real(model, views, y, cfg)
+        return (loss * float("nan") if calls["n"] == 6 else loss), m
+
+    monkeypatch.setitem(methods_mod.METHODS, "simclr", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="step 5") as exc:
+        train(TrainConfig(method="simclr", out_dir=str(out), ckpt_every=2, **TINY))
+    assert "last good checkpoint" in str(exc.value)
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    model, _ = load_model(out / "checkpoint.pt")
+    assert model.kind == "representation"
+
+
+def test_load_model_rebuilds_every_family(tmp_path):
+    for method in ("simclr_urkle", "vae_urkle", "ae_trades", "trades"):
+        r = train(TrainConfig(method=method, out_dir=str(tmp_path / method), max_steps=1, **TINY))
+        model, config = load_model(r["checkpoint"])
+        assert not model.training and config["method"] == method
+        ref = load_checkpoint(r["checkpoint"])["model"]
+        assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+        x = torch.rand(2, 1, 8, 8)
+        if model.kind == "supervised":
+            assert model.logits(x).shape == (2, 10)
+        else:
+            assert model.encode(x)[0].shape == (2, model.d_z)
+    assert json.loads((tmp_path / "trades" / "config.json").read_text())["beta_robust"] == 6.0
+
+
+def test_lars_excludes_bias_and_norm():
+    model = build_model(vars(_cfg("simclr")))
+    groups = param_groups(model)
+    assert all(p.ndim > 1 for p in groups[0]["params"]) and all(p.ndim <= 1 for p in groups[1]["params"])
+    assert groups[1]["exclude"] and groups[1]["weight_decay"] == 0.0
+    opt = LARS(groups, lr=0.1, weight_decay=1e-4)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in groups[1]["params"]]
+    opt.step()
+    for b, p in zip(before, groups[1]["params"]):  # plain SGD: step lr * grad, no trust ratio, no decay
+        torch.testing.assert_close(p, b - 0.1)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_trained_model_runs_compiled_with_the_same_loss(tmp_path, backend):
+    r = train(TrainConfig(method="simclr_urkle", out_dir=str(tmp_path), max_steps=2, **TINY))
+    model, config = load_model(r["checkpoint"])
+    cfg = TrainConfig(**config)
+    x, y = as_tensors(load_dataset("digits", split="test"), limit=32)
+    views = MultiViewAugment(2, 8, cfg.augment)(x, torch.Generator().manual_seed(0))
+    model.train()
+    torch.manual_seed(0)
+    eager, _ = methods_mod.simclr_urkle(model, views, y, cfg)
+    compile_model(model, backend)
+    torch.manual_seed(0)
+    compiled, _ = methods_mod.simclr_urkle(model, views, y, cfg)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert all(p.grad is not None for p in model.backbone.parameters())
+
+
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
+
+
+@needs_data
+def test_mnist_vae_urkle_run(tmp_path):
+    r = train(TrainConfig(method="vae_urkle", data_root=str(DATA), out_dir=str(tmp_path),
+                          **{**TINY, "dataset": "mnist", "train_subset": 64, "max_steps": 3}))
+    model, config = load_model(r["checkpoint"])
+    assert config["arch"] == "mnist_conv" and model.d_z == 128 and math.isfinite(r["loss"])
+    assert model.decode(torch.zeros(1, 128)).shape == (1, 1, 28, 28)
+
+
+@needs_data
+def test_cifar10_jpeg_folder_run(tmp_path):
+    # ImageFolder JPEG tree, DataLoader workers, ResNet-18 with the CIFAR stem, light augmentation
+    r = train(TrainConfig(method="at", out_dir=str(tmp_path),
+                          **{**TINY, "dataset": "cifar10", "train_subset": 32, "batch_size": 16, "max_steps": 1,
+                             "pgd_steps": 1, "num_workers": 1}))
+    model, config = load_model(r["checkpoint"])
+    assert config["arch"] == "resnet18" and config["augment"] == "light" and model.kind == "supervised"
+    assert abs(config["eps"] - 8 / 255) < 1e-9 and math.isfinite(r["loss"])

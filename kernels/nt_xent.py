@@ -4,11 +4,10 @@ Rows ``z_rows [n, d]`` (global row ``gi = row_offset + i``) against columns ``z_
 ``B = N / V`` images. ``s_ik = u_i . u_k / tau`` with ``u = z / max(||z||, 1e-12)``.
 
 * ``_row_rnorm_kernel``: 1 / max(||z||, 1e-12) per row, float32 (rows and columns).
-* The columns of a row's own image (the diagonal and the V-1 positives ``(gi mod B) + v B``) are
-  handled directly, one float32 dot product each, before the tile loop; the tiles then only hold
-  other images' columns, which belong to the denominator whichever it is (one compare per element).
-  This also keeps ``(V-1) exp(s_ip - lse_i) - 1``, which nearly cancels once training converges, out
-  of the low-precision tl.dot operand.
+* The columns of a row's own image (the diagonal and the V-1 positives ``(gi mod B) + v B``) need
+  masks; every other column is in the denominator whichever it is. A scalar test per tile
+  (``_share_image``) sends the few tiles that can hold own-image columns through the masked path
+  and the rest (all but about V (BLOCK_M / BLOCK_N + 1) tiles per row block) through a mask-free one.
 * forward, flash style: one program per block of rows walks column tiles with an online max /
   log-sum-exp in base 2 (log2(e) / tau folded into the row scale) and writes only ``lse [n]`` and
   ``loss_rows [n]``. Raw z tiles go into tl.dot (exact bf16/fp16 operands, float32 accumulation); the
@@ -17,7 +16,8 @@ Rows ``z_rows [n, d]`` (global row ``gi = row_offset + i``) against columns ``z_
   and ``G_ik = c_i H_ik``:
   - rows kernel (like flash attention's dq): one program per (row block, chunk of d) accumulates
     ``sum_k H_ik rnorm_k z_k``; the upstream c_i factors out of the row, so the low-precision operand
-    is bounded by V-1 whatever the gradient's scale;
+    is bounded by V-1 whatever the gradient's scale; H is formed in float32 before it is rounded
+    (``(V-1) exp(s_ip - lse_i) - 1`` nearly cancels on positives once training converges);
   - cols kernel (like dk/dv): one program per (column block, chunk of d) accumulates
     ``sum_i G_ik rnorm_i z_i`` over all rows (for float16 the c_i are divided by max|c| first, so small
     upstream gradients do not underflow).
@@ -67,18 +67,19 @@ def _fwd_configs():
 
 
 def _bwd_rows_configs():
+    # (checked with ptxas for sm_90, bf16, d = 128: no register spills)
     if _INTERPRET:
         return [_cfg(32, 32, 4, 1)]
-    return [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 128, 8, 3), _cfg(128, 32, 8, 2),
-            _cfg(64, 32, 4, 2)]
+    return [_cfg(64, 64, 8, 3), _cfg(64, 128, 8, 3), _cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3),
+            _cfg(64, 64, 8, 4)]
 
 
 def _bwd_cols_configs():
     # here BLOCK_N is the block of columns a program owns, BLOCK_M the row tile it walks with
     if _INTERPRET:
         return [_cfg(32, 32, 4, 1)]
-    return [_cfg(64, 64, 4, 3), _cfg(64, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(32, 128, 8, 2),
-            _cfg(32, 64, 4, 2)]
+    return [_cfg(64, 64, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 32, 4, 3), _cfg(64, 64, 8, 2),
+            _cfg(128, 64, 8, 2)]
 
 
 @triton.jit
@@ -145,41 +146,13 @@ def _logits_tile(
 
 
 @triton.jit
-def _own_image_kernel(
-    zr_ptr,  # [n, d]
-    zc_ptr,  # [N, d]
-    rr_ptr,  # [n] float32
-    rc_ptr,  # [N] float32
-    own_ptr,  # [n, V] float32 out: u_i . u_k for the V columns k = (gi mod B) + v B of row i's own image
-    n,
-    d,
-    B,
-    views,
-    row_offset,
-    stride_r,
-    stride_c,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # A separate small kernel: gathered rows and float32 row-wise products would otherwise raise the
-    # register count of the flash kernels (and halve their occupancy).
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    v = tl.program_id(1)
-    rmask = rows < n
-    k = (rows + row_offset) % B + v * B
-    rows64 = rows.to(tl.int64)
-    k64 = k.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, d, BLOCK_D):
-        c = d0 + offs_d
-        m = rmask[:, None] & (c < d)[None, :]
-        a = tl.load(zr_ptr + rows64[:, None] * stride_r + c[None, :], mask=m, other=0.0).to(tl.float32)
-        b = tl.load(zc_ptr + k64[:, None] * stride_c + c[None, :], mask=m, other=0.0).to(tl.float32)
-        acc += a * b
-    rr = tl.load(rr_ptr + rows, mask=rmask, other=0.0)
-    rc = tl.load(rc_ptr + k, mask=rmask, other=0.0)
-    tl.store(own_ptr + rows64 * views + v, tl.sum(acc, axis=1) * rr * rc, mask=rmask)
+def _share_image(a0, LA, b0, LB, B):
+    # Can the index ranges [a0, a0 + LA) and [b0, b0 + LB) hold two indices of the same image (equal
+    # mod B)? Two arcs of the circle Z_B meet iff one contains the other's start. A scalar per tile:
+    # tiles that cannot meet the rows' own images skip the positive / diagonal masks.
+    am = a0 % B
+    bm = b0 % B
+    return (LA >= B) | (LB >= B) | ((bm - am + B) % B < LA) | ((am - bm + B) % B < LB)
 
 
 @triton.autotune(configs=_fwd_configs(), key=["n", "N", "d"])
@@ -189,7 +162,6 @@ def _nt_xent_fwd_kernel(
     zc_ptr,  # [N, d] all columns (view-major)
     rr_ptr,  # [n] float32 1/||z_rows||
     rc_ptr,  # [N] float32 1/||z_cols||
-    own_ptr,  # [n, V] float32 u_i . u_k over row i's own image (_own_image_kernel)
     loss_ptr,  # [n] float32 out: (V-1) lse_i - sum_{p in P} s_ip
     lse_ptr,  # [n] float32 out: log sum_{k in Den} exp(s_ik)
     n,
@@ -210,7 +182,8 @@ def _nt_xent_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     LN2: tl.constexpr = 0.6931471805599453
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < n
     rows64 = rows.to(tl.int64)
     g_row = rows + row_offset
@@ -224,6 +197,7 @@ def _nt_xent_fwd_kernel(
                     mask=rmask[:, None] & (offs_d < d)[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: exp2(-inf - m) = 0, never NaN
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    pos_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, N, BLOCK_N):
         cols = k0 + offs_n
         cmask = cols < N
@@ -236,25 +210,20 @@ def _nt_xent_fwd_kernel(
         qk = _logits_tile(q, zr_ptr, zc_ptr, rows64, cols64, rmask, cmask, d, stride_r, stride_c, k,
                           BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, F32_DOT, DOT_F32)
         s = qk * rscale[:, None] * rc[None, :]  # s_ik * log2(e)
-        other = (b_row[:, None] != (cols % B)[None, :]) & cmask[None, :]  # other images: always in Den
-        s = tl.where(other, s, float("-inf"))
+        if _share_image(row0 + row_offset, BLOCK_M, k0, BLOCK_N, B):
+            same = b_row[:, None] == (cols % B)[None, :]
+            pos = same & (g_row[:, None] != cols[None, :]) & cmask[None, :]
+            den = ((same == 0) | (pos & (denominator == 0))) & cmask[None, :]
+            pos_i += tl.sum(tl.where(pos, s, 0.0), axis=1)
+            s = tl.where(den, s, float("-inf"))
+        else:  # only other images' columns: all in Den
+            s = tl.where(cmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
         m_i = m_new
-    # The columns of row i's own image (the diagonal and the V-1 positives), from _own_image_kernel;
-    # the tiles above only saw other images' columns, which are in Den whatever the denominator.
-    pos = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for v in range(0, views):
-        pmask = rmask & (b_row + v * B != g_row)
-        sp = tl.load(own_ptr + rows64 * views + v, mask=pmask, other=0.0) * qk_scale  # s_ip * log2(e)
-        pos += sp
-        sp = tl.where(pmask & (denominator == 0), sp, float("-inf"))  # positives are in Den for "all"
-        m_new = tl.maximum(m_i, sp)
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.exp2(sp - m_new)
-        m_i = m_new
     lse = (m_i + tl.log2(tl.where(rmask, l_i, 1.0))) * LN2
     tl.store(lse_ptr + rows, lse, mask=rmask)
-    tl.store(loss_ptr + rows, (views - 1) * lse - pos * LN2, mask=rmask)
+    tl.store(loss_ptr + rows, (views - 1) * lse - pos_i * LN2, mask=rmask)
 
 
 @triton.autotune(configs=_bwd_rows_configs(), key=["n", "N", "d"])
@@ -264,7 +233,6 @@ def _nt_xent_bwd_rows_kernel(
     zc_ptr,  # [N, d]
     rr_ptr,  # [n] float32
     rc_ptr,  # [N] float32
-    own_ptr,  # [n, V] float32 from _own_image_kernel
     lse_ptr,  # [n] float32
     grad_ptr,  # [n] float32 upstream gradient of loss_rows, read with stride_g
     dzr_ptr,  # [n, d] out, contiguous, dtype of z_rows
@@ -291,7 +259,8 @@ def _nt_xent_bwd_rows_kernel(
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < n
     rows64 = rows.to(tl.int64)
     g_row = rows + row_offset
@@ -311,19 +280,6 @@ def _nt_xent_bwd_rows_kernel(
                     mask=rmask[:, None] & (offs_d < d)[None, :], other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)  # sum_k H_ik rnorm_k z_k
     hs = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_k H_ik s_ik (base-2 units)
-    # Row i's own image, in float32: H_ip = (V-1) exp(s_ip - lse_i) [all] - 1 for the positives (these
-    # two nearly cancel once training has converged: keep them out of the low-precision tile operand)
-    for v in range(0, views):
-        p = b_row + v * B
-        pmask = rmask & (p != g_row)
-        p64 = p.to(tl.int64)
-        rcp = tl.load(rc_ptr + p, mask=pmask, other=0.0)
-        sp = tl.load(own_ptr + rows64 * views + v, mask=pmask, other=0.0) * qk_scale
-        hp = tl.where(pmask, tl.where(denominator == 0, tl.exp2(sp - lse2), 0.0) - 1.0, 0.0)
-        hs += hp * sp
-        zp = tl.load(zc_ptr + p64[:, None] * stride_c + offs_o[None, :], mask=pmask[:, None] & omask[None, :],
-                     other=0.0)
-        acc += zp.to(tl.float32) * (hp * rcp)[:, None]
     for k0 in range(0, N, BLOCK_N):
         cols = k0 + offs_n
         cmask = cols < N
@@ -336,8 +292,16 @@ def _nt_xent_bwd_rows_kernel(
         qk = _logits_tile(q, zr_ptr, zc_ptr, rows64, cols64, rmask, cmask, d, stride_r, stride_c, k,
                           BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, F32_DOT, DOT_F32)
         s = qk * rscale[:, None] * rc[None, :]
-        other = (b_row[:, None] != (cols % B)[None, :]) & cmask[None, :]
-        h = tl.where(other, tl.exp2(s - lse2[:, None]), 0.0)  # H on other images' columns
+        e = tl.exp2(s - lse2[:, None])  # (V-1) exp(s_ik - lse_i)
+        if _share_image(row0 + row_offset, BLOCK_M, k0, BLOCK_N, B):
+            # H = e on other images, e [all] - 1 on positives, 0 on the diagonal; computed in float32
+            # before the rounding to the dot's dtype (e - 1 nearly cancels near convergence)
+            same = b_row[:, None] == (cols % B)[None, :]
+            pos = same & (g_row[:, None] != cols[None, :]) & cmask[None, :]
+            h = tl.where(same, tl.where(pos, tl.where(denominator == 0, e, 0.0) - 1.0, 0.0),
+                         tl.where(cmask[None, :], e, 0.0))
+        else:
+            h = tl.where(cmask[None, :], e, 0.0)
         hs += tl.sum(h * s, axis=1)
         if REUSE:
             k_out = k
@@ -346,11 +310,8 @@ def _nt_xent_bwd_rows_kernel(
                             mask=cmask[:, None] & omask[None, :], other=0.0)
         p = (h * rc[None, :]).to(zc_ptr.dtype.element_ty)
         acc += _dot(p, k_out, F32_DOT, DOT_F32)
-    if REUSE:
-        z_out = q.to(tl.float32)
-    else:
-        z_out = tl.load(zr_ptr + rows64[:, None] * stride_r + offs_o[None, :],
-                        mask=rmask[:, None] & omask[None, :], other=0.0).to(tl.float32)
+    z_out = tl.load(zr_ptr + rows64[:, None] * stride_r + offs_o[None, :],
+                    mask=rmask[:, None] & omask[None, :], other=0.0).to(tl.float32)
     # du = c acc / tau;  u . du = c hs ln2;  dz = (du - u (u . du)) rnorm
     dz = (acc * inv_tau - z_out * (rr * hs * LN2)[:, None]) * (c * rr)[:, None]
     tl.store(dzr_ptr + rows64[:, None] * d + offs_o[None, :], dz.to(dzr_ptr.dtype.element_ty),
@@ -364,7 +325,6 @@ def _nt_xent_bwd_cols_kernel(
     zc_ptr,  # [N, d]
     rr_ptr,  # [n] float32
     rc_ptr,  # [N] float32
-    own_ptr,  # [n, V] float32 from _own_image_kernel
     lse_ptr,  # [n] float32
     grad_ptr,  # [n] float32, read with stride_g
     cscale_ptr,  # [1] float32 max|grad| when SCALE_C (float16), else unused
@@ -393,12 +353,12 @@ def _nt_xent_bwd_cols_kernel(
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col0 = tl.program_id(0) * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
     cmask = cols < N
     cols64 = cols.to(tl.int64)
     b_col = cols % B
-    v_col = cols // B
-    rc = tl.load(rc_ptr + cols, mask=cmask, other=0.0)
+    rcs = tl.load(rc_ptr + cols, mask=cmask, other=0.0)
     cscale = 1.0
     if SCALE_C:
         cscale = tl.load(cscale_ptr)
@@ -414,30 +374,14 @@ def _nt_xent_bwd_cols_kernel(
                     mask=cmask[:, None] & (offs_d < d)[None, :], other=0.0)
     acc = tl.zeros([BLOCK_N, BLOCK_DO], dtype=tl.float32)  # sum_i (G_ik / cscale) rnorm_i z_i
     gs = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_i G_ik s_ik (base-2 units)
-    # Column k's own image, in float32: the local rows i of which k is a positive,
-    # G_ik = c_i ((V-1) exp(s_ik - lse_i) [all] - 1)
-    for v in range(0, views):
-        gi = b_col + v * B
-        i = gi - row_offset
-        imask = cmask & (gi != cols) & (i >= 0) & (i < n)
-        i64 = i.to(tl.int64)
-        ci = tl.load(grad_ptr + i64 * stride_g, mask=imask, other=0.0)
-        rri = tl.load(rr_ptr + i, mask=imask, other=0.0)
-        lse2i = tl.load(lse_ptr + i, mask=imask, other=0.0) * LOG2E - log2_vm1
-        sp = tl.load(own_ptr + i64 * views + v_col, mask=imask, other=0.0) * qk_scale
-        gp = tl.where(imask, tl.where(denominator == 0, tl.exp2(sp - lse2i), 0.0) - 1.0, 0.0) * ci
-        gs += gp * sp
-        zi = tl.load(zr_ptr + i64[:, None] * stride_r + offs_o[None, :], mask=imask[:, None] & omask[None, :],
-                     other=0.0)
-        acc += zi.to(tl.float32) * (gp * rri * inv_cscale)[:, None]
     for i0 in range(0, n, BLOCK_M):
         rows = i0 + offs_m
         rmask = rows < n
         rows64 = rows.to(tl.int64)
-        b_row = (rows + row_offset) % B
+        g_row = rows + row_offset
         rr = tl.load(rr_ptr + rows, mask=rmask, other=0.0)
         lse2 = tl.load(lse_ptr + rows, mask=rmask, other=0.0) * LOG2E - log2_vm1
-        # rows past n load c = 0, so their G is 0 (their h stays finite: s = 0, lse2 = -log2(V-1))
+        # rows past n load c = 0, so their G is 0 (their e stays finite: s = 0, lse2 = -log2(V-1))
         c = tl.load(grad_ptr + rows64 * stride_g, mask=rmask, other=0.0)
         q = tl.zeros([BLOCK_M, BLOCK_D], dtype=zr_ptr.dtype.element_ty)
         if SINGLE_D:
@@ -446,9 +390,15 @@ def _nt_xent_bwd_cols_kernel(
         # transposed tile: [cols, rows]
         kq = _logits_tile(k, zc_ptr, zr_ptr, cols64, rows64, cmask, rmask, d, stride_c, stride_r, q,
                           BLOCK_N, BLOCK_M, BLOCK_D, SINGLE_D, F32_DOT, DOT_F32)
-        s = kq * (rc * qk_scale)[:, None] * rr[None, :]
-        other = b_col[:, None] != b_row[None, :]  # other images (rows past n have c = 0)
-        g = tl.where(other, tl.exp2(s - lse2[None, :]), 0.0) * c[None, :]
+        s = kq * (rcs * qk_scale)[:, None] * rr[None, :]
+        e = tl.exp2(s - lse2[None, :])
+        if _share_image(col0, BLOCK_N, i0 + row_offset, BLOCK_M, B):
+            same = b_col[:, None] == (g_row % B)[None, :]
+            pos = same & (cols[:, None] != g_row[None, :])
+            h = tl.where(same, tl.where(pos, tl.where(denominator == 0, e, 0.0) - 1.0, 0.0), e)
+        else:
+            h = e
+        g = h * c[None, :]
         gs += tl.sum(g * s, axis=1)
         if REUSE:
             q_out = q
@@ -457,12 +407,9 @@ def _nt_xent_bwd_cols_kernel(
                             mask=rmask[:, None] & omask[None, :], other=0.0)
         p = (g * (rr * inv_cscale)[None, :]).to(zr_ptr.dtype.element_ty)
         acc += _dot(p, q_out, F32_DOT, DOT_F32)
-    if REUSE:
-        z_out = k.to(tl.float32)
-    else:
-        z_out = tl.load(zc_ptr + cols64[:, None] * stride_c + offs_o[None, :],
-                        mask=cmask[:, None] & omask[None, :], other=0.0).to(tl.float32)
-    dz = (acc * (cscale * inv_tau) - z_out * (rc * gs * LN2)[:, None]) * rc[:, None]
+    z_out = tl.load(zc_ptr + cols64[:, None] * stride_c + offs_o[None, :],
+                    mask=cmask[:, None] & omask[None, :], other=0.0).to(tl.float32)
+    dz = (acc * (cscale * inv_tau) - z_out * (rcs * gs * LN2)[:, None]) * rcs[:, None]
     tl.store(dzc_ptr + cols64[:, None] * d + offs_o[None, :], dz.to(dzc_ptr.dtype.element_ty),
              mask=cmask[:, None] & omask[None, :])
 
@@ -501,18 +448,11 @@ def _rnorm(z: torch.Tensor, launch) -> torch.Tensor:
     return out
 
 
-def _norms(z_rows, z_cols, views, row_offset, launch):
-    """(1/||z_rows||, 1/||z_cols||, own-image cosines [n, V]), all float32."""
+def _norms(z_rows, z_cols, row_offset, launch):
     rc = _rnorm(z_cols, launch)
-    rr = rc if (z_rows is z_cols and row_offset == 0) else _rnorm(z_rows, launch)
-    n, d = z_rows.shape
-    own = torch.empty((n, views), dtype=torch.float32, device=z_rows.device)
-    block_d = min(max(triton.next_power_of_2(d), 16), 64)
-    block_r = 32 if _INTERPRET else 64
-    launch(_own_image_kernel)[(triton.cdiv(n, block_r), views)](
-        z_rows, z_cols, rr, rc, own, n, d, z_cols.shape[0] // views, views, row_offset, z_rows.stride(0),
-        z_cols.stride(0), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
-    return rr, rc, own
+    if z_rows is z_cols and row_offset == 0:
+        return rc, rc
+    return _rnorm(z_rows, launch), rc
 
 
 def nt_xent_fwd(z_rows, z_cols, views: int, temperature: float, denominator: int, row_offset: int, *,
@@ -526,11 +466,11 @@ def nt_xent_fwd(z_rows, z_cols, views: int, temperature: float, denominator: int
     lse = torch.empty((n,), dtype=torch.float32, device=z_rows.device)
     if n == 0:
         return loss, lse
-    rr, rc, own = _norms(z_rows, z_cols, views, row_offset, launch)
+    rr, rc = _norms(z_rows, z_cols, row_offset, launch)
     block_d, single, _, _ = _d_blocks(d)
     grid = lambda META: (triton.cdiv(n, META["BLOCK_M"]),)  # noqa: E731
     launch(_nt_xent_fwd_kernel)[grid](
-        z_rows, z_cols, rr, rc, own, loss, lse, n, N, d, B, views, row_offset, z_rows.stride(0), z_cols.stride(0),
+        z_rows, z_cols, rr, rc, loss, lse, n, N, d, B, views, row_offset, z_rows.stride(0), z_cols.stride(0),
         1.4426950408889634 / float(temperature), int(denominator),
         BLOCK_D=block_d, SINGLE_D=single, F32_DOT=_f32_dot(z_rows), DOT_F32=DOT_F32)
     return loss, lse
@@ -553,14 +493,14 @@ def nt_xent_bwd(grad_rows, z_rows, z_cols, lse, views: int, temperature: float, 
     if lse.dtype != torch.float32 or lse.stride(0) != 1:
         lse = lse.to(torch.float32).contiguous()
     stride_g = grad_rows.stride(0)
-    rr, rc, own = _norms(z_rows, z_cols, views, row_offset, launch)
+    rr, rc = _norms(z_rows, z_cols, row_offset, launch)
     block_d, single, block_do, reuse = _d_blocks(d)
     f32_dot = _f32_dot(z_rows)
     args = (n, N, d, B, views, row_offset, z_rows.stride(0), z_cols.stride(0), stride_g,
             1.4426950408889634 / float(temperature), 1.0 / float(temperature), int(denominator))
     grid_r = lambda META: (triton.cdiv(n, META["BLOCK_M"]), triton.cdiv(d, block_do))  # noqa: E731
     launch(_nt_xent_bwd_rows_kernel)[grid_r](
-        z_rows, z_cols, rr, rc, own, lse, grad_rows, dz_rows, *args,
+        z_rows, z_cols, rr, rc, lse, grad_rows, dz_rows, *args,
         BLOCK_D=block_d, BLOCK_DO=block_do, SINGLE_D=single, REUSE=reuse, F32_DOT=f32_dot, DOT_F32=DOT_F32)
     # float16 only: G enters a float16 tl.dot operand; divide it by max|grad| so tiny upstream
     # gradients (1 / (N (V-1))) do not fall into float16's subnormals. bf16 / fp32 have the range.
@@ -568,7 +508,7 @@ def nt_xent_bwd(grad_rows, z_rows, z_cols, lse, views: int, temperature: float, 
     cscale = grad_rows.abs().amax().clamp_min(1e-30).reshape(1) if scale_c else grad_rows
     grid_c = lambda META: (triton.cdiv(N, META["BLOCK_N"]), triton.cdiv(d, block_do))  # noqa: E731
     launch(_nt_xent_bwd_cols_kernel)[grid_c](
-        z_rows, z_cols, rr, rc, own, lse, grad_rows, cscale, dz_cols, *args,
+        z_rows, z_cols, rr, rc, lse, grad_rows, cscale, dz_cols, *args,
         BLOCK_D=block_d, BLOCK_DO=block_do, SINGLE_D=single, REUSE=reuse, SCALE_C=scale_c, F32_DOT=f32_dot,
         DOT_F32=DOT_F32)
     return dz_rows, dz_cols

@@ -74,6 +74,8 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed["loss"] == full["loss"]
     a, b = _params(full["checkpoint"]), _params(resumed["checkpoint"])
     assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
     sa, sb = load_checkpoint(full["checkpoint"]), load_checkpoint(resumed["checkpoint"])
     assert sa["scheduler"] == sb["scheduler"]
     assert torch.equal(sa["rng"]["torch"], sb["rng"]["torch"])
@@ -232,3 +234,15 @@ def test_cifar10_jpeg_folder_run(tmp_path):
     model, config = load_model(r["checkpoint"])
     assert config["arch"] == "resnet18" and config["augment"] == "light" and model.kind == "supervised"
     assert abs(config["eps"] - 8 / 255) < 1e-9 and math.isfinite(r["loss"])
+
+
+def test_compile_flag_in_the_trainer(tmp_path):
+    kw = {**TINY, "max_steps": 2}
+    eager = train(TrainConfig(method="simclr_urkle", out_dir=str(tmp_path / "eager"), **kw))
+    compiled = train(TrainConfig(method="simclr_urkle", out_dir=str(tmp_path / "compiled"), compile=True,
+                                 compile_backend="aot_eager", **kw))
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-5, abs=1e-6)
+    a, b = _params(eager["checkpoint"]), _params(compiled["checkpoint"])
+    assert set(a) == set(b)  # no _orig_mod. prefixes
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)

@@ -240,6 +240,15 @@ def test_nt_xent_chunked_d(monkeypatch, dtype, denominator):
     _check_nt(4, 36, 37, dtype, denominator, 5, 20)
 
 
+@pytest.mark.parametrize("denominator", [0, 1])
+def test_nt_xent_mask_free_tiles(denominator):
+    # B = 75 > BLOCK_M + BLOCK_N (32 + 32 under the interpreter): most tiles cannot hold a row's own
+    # image and take the mask-free path; the others, and a row slice, take the masked one
+    assert nt_k._fwd_configs()[0].kwargs["BLOCK_M"] + nt_k._fwd_configs()[0].kwargs["BLOCK_N"] < 75 or DEVICE == "cuda"
+    _check_nt(2, 150, 17, torch.float32, denominator, 0, None)
+    _check_nt(2, 150, 17, torch.bfloat16, denominator, 40, 70)
+
+
 @pytest.mark.parametrize("tau", [0.05, 2.0])
 def test_nt_xent_temperatures_and_small_batches(tau):
     _check_nt(2, 24, 9, torch.float32, 0, 0, None, tau=tau)

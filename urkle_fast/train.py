@@ -24,6 +24,7 @@ import math
 import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -267,7 +268,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         path = ckpt_path if cfg.resume == "auto" else Path(cfg.resume)
         resume_state = load_checkpoint(path)
-        saved = resume_state["config"]
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        saved = {k: v for k, v in resume_state["config"].items() if k in known}
         # everything that defines the computation comes from the checkpoint
         cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS}})
     cfg = resolve_config(cfg)
@@ -320,7 +322,12 @@ def train(cfg: TrainConfig) -> dict:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    metrics_file = open(out_dir / "metrics.jsonl", "a")
+    metrics_path = out_dir / "metrics.jsonl"
+    if resume_state is not None and metrics_path.exists():
+        # drop records logged after the checkpoint we resume from: they are about to be redone
+        keep = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        metrics_path.write_text("".join(ln + "\n" for ln in keep))
+    metrics_file = open(metrics_path, "a")
     writer = None
     if cfg.tensorboard:
         try:
@@ -330,7 +337,9 @@ def train(cfg: TrainConfig) -> dict:
             print("tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
 
     stop = _StopFlag()
-    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    # handlers can only be installed from the main thread; elsewhere a signal keeps its default action
+    in_main = threading.current_thread() is threading.main_thread()
+    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
     from tqdm.auto import tqdm
 
     pbar = tqdm(total=end_step, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True,

@@ -7,6 +7,7 @@
 // positive logits are direct dot products. The backward pass recomputes each tile, turns it into
 // G = c (V-1) exp(S - lse) / tau on the denominator set, and feeds two more GEMMs:
 //   dU_rows[block] += G U_cols[tile],   dU_cols[tile] += G^T U_rows[block]   (a private dU_cols per thread)
+// or, on machines with many threads, a second column-parallel pass for dU_cols (see nt_xent_bwd_cpu).
 // The positive part of G is sparse (V-1 entries per row) and is applied with axpys. Last, both dU go
 // back through the row normalisation.
 #include <ATen/Parallel.h>
@@ -19,7 +20,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -162,6 +165,19 @@ inline void for_excluded(const Problem& p, int64_t gi, int64_t k0, int64_t ck, F
   for (int64_t kk = first; kk < k0 + ck; kk += p.B) f(kk - k0);
 }
 
+// true: the split backward (see nt_xent_bwd_cpu). URKLE_FAST_NT_XENT_CPU_BWD=private|split forces one
+// (tests); by default the per-thread buffers are used while they total at most 64 MiB.
+bool pick_bwd_strategy(int64_t threads, int64_t N, int64_t d) {
+  if (const char* env = std::getenv("URKLE_FAST_NT_XENT_CPU_BWD")) {
+    const std::string v(env);
+    if (v == "split") return true;
+    if (v == "private") return false;
+    TORCH_CHECK(v.empty() || v == "auto", "URKLE_FAST_NT_XENT_CPU_BWD: expected auto, private or split, got '", v,
+                "'");
+  }
+  return threads > 1 && threads * N * d * static_cast<int64_t>(sizeof(float)) > (int64_t(64) << 20);
+}
+
 int64_t row_blocks(int64_t n) {
   return (n + kRowBlock - 1) / kRowBlock;
 }
@@ -250,24 +266,31 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_bwd_cpu(const at::Tensor& grad_rows, 
   const float vm1 = static_cast<float>(p.V - 1);
 
   auto f32 = z_rows.options().dtype(at::kFloat);
-  at::Tensor du_rows = at::zeros({p.n, d}, f32);
+  // dU_cols[tile] collects G^T U_rows over every row block, so the threads that own row blocks cannot
+  // write it directly. Two strategies (pick_bwd_strategy):
+  //   private: each thread adds G^T U_rows into its own [N, d] buffer (3 GEMMs per tile, T N d extra
+  //            floats), the buffers are summed at the end;
+  //   split:   a second, column-parallel pass recomputes the transposed tiles and owns dU_cols[block]
+  //            (4 GEMMs per tile, nothing per thread, the same bits whatever the thread count).
   const int64_t T = at::get_num_threads();
-  at::Tensor du_cols_priv = at::zeros({T, N, d}, f32);  // per-thread dU_cols, summed at the end
+  const bool split = pick_bwd_strategy(T, N, d);
+  at::Tensor du_rows = at::zeros({p.n, d}, f32);
+  at::Tensor du_cols_buf = at::zeros({split ? 1 : T, N, d}, f32);
   float* dur = du_rows.data_ptr<float>();
-  float* duc_all = du_cols_priv.data_ptr<float>();
+  float* duc_all = du_cols_buf.data_ptr<float>();
 
+  // pass 1, row blocks: dU_rows (and the private dU_cols)
   at::parallel_for(0, row_blocks(p.n), 1, [&](int64_t blk0, int64_t blk1) {
-    const int64_t tid = at::get_thread_num();
+    const int64_t tid = split ? 0 : at::get_thread_num();
     TORCH_CHECK(tid < T, kBwd, ": internal error, thread id ", tid, " >= ", T);
     float* duc = duc_all + tid * N * d;
     // through ATen's allocator (not std::vector) so that memory profilers see every byte this op uses
     at::Tensor tile_t = at::empty({kRowBlock * std::min(kColTile, N)}, f32);
-    float* tile = tile_t.data_ptr<float>();
+    float* S = tile_t.data_ptr<float>();
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t i0 = blk * kRowBlock, rb = std::min(kRowBlock, p.n - i0);
       for (int64_t k0 = 0; k0 < N; k0 += kColTile) {
         const int64_t ck = std::min(kColTile, N - k0);
-        float* S = tile;
         gemm(false, true, rb, ck, d, p.inv_tau, ur + i0 * d, d, uc + k0 * d, d, 0.f, S, ck);
         for (int64_t r = 0; r < rb; ++r) {
           const int64_t i = i0 + r;
@@ -282,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_bwd_cpu(const at::Tensor& grad_rows, 
         }
         // dU_rows[block] += G U_cols[tile];  dU_cols[tile] += G^T U_rows[block]   (1/tau is inside G)
         gemm(false, false, rb, d, ck, 1.f, S, ck, uc + k0 * d, d, 1.f, dur + i0 * d, d);
-        gemm(true, false, ck, d, rb, 1.f, S, ck, ur + i0 * d, d, 1.f, duc + k0 * d, d);
+        if (!split) gemm(true, false, ck, d, rb, 1.f, S, ck, ur + i0 * d, d, 1.f, duc + k0 * d, d);
       }
       // the positives: G_ip = -c_i / tau for the V-1 rows p of the same image
       for (int64_t r = 0; r < rb; ++r) {
@@ -293,17 +316,56 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_bwd_cpu(const at::Tensor& grad_rows, 
           const int64_t kk = gi % p.B + v * p.B;
           if (kk == gi) continue;
           k.axpy(w, uc + kk * d, dur + i * d, d);
-          k.axpy(w, ur + i * d, duc + kk * d, d);
+          if (!split) k.axpy(w, ur + i * d, duc + kk * d, d);
         }
       }
     }
   });
 
-  // dU_cols = sum of the per-thread buffers (into buffer 0), then both through the normalisation
-  float* duc = duc_all;
-  at::parallel_for(0, N, std::max<int64_t>(1, 8192 / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
-    k.sum_rows(duc_all + r0 * d, T, N * d, duc + r0 * d, (r1 - r0) * d);
-  });
+  if (!split) {  // dU_cols = sum of the per-thread buffers, into buffer 0
+    at::parallel_for(0, N, std::max<int64_t>(1, 8192 / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
+      k.sum_rows(duc_all + r0 * d, T, N * d, duc_all + r0 * d, (r1 - r0) * d);
+    });
+  } else {  // pass 2, column blocks: dU_cols[block] = sum over row tiles of G^T U_rows
+    // G's row factors as vectors along the transposed tiles; a row with nothing to give gets coef 0 and
+    // lse +inf, so that its entries are exp(-inf) * 0 = 0 rather than NaN
+    at::Tensor colf_t = at::empty({2, p.n}, f32);
+    float* coefs = colf_t.data_ptr<float>();
+    float* lses = coefs + p.n;
+    for (int64_t i = 0; i < p.n; ++i) {
+      const float coef = c[i] * vm1 * p.inv_tau;
+      const bool live = coef != 0.f && lse_p[i] > kNegInf;
+      coefs[i] = live ? coef : 0.f;
+      lses[i] = live ? lse_p[i] : std::numeric_limits<float>::infinity();
+    }
+    at::parallel_for(0, row_blocks(N), 1, [&](int64_t blk0, int64_t blk1) {
+      at::Tensor tile_t = at::empty({kRowBlock * std::min(kColTile, p.n)}, f32);
+      float* St = tile_t.data_ptr<float>();
+      for (int64_t blk = blk0; blk < blk1; ++blk) {
+        const int64_t k0 = blk * kRowBlock, kc = std::min(kRowBlock, N - k0);
+        for (int64_t i0 = 0; i0 < p.n; i0 += kColTile) {
+          const int64_t ri = std::min(kColTile, p.n - i0);
+          gemm(false, true, kc, ri, d, p.inv_tau, uc + k0 * d, d, ur + i0 * d, d, 0.f, St, ri);
+          for (int64_t r = 0; r < kc; ++r) {
+            float* row = St + r * ri;
+            k.scaled_softmax_cols(row, ri, lses + i0, coefs + i0);
+            // the exclusion relation is symmetric: rows gi outside Den are those with k outside Den(gi)
+            for_excluded(p, k0 + r, p.row_offset + i0, ri, [&](int64_t j) { row[j] = 0.f; });
+          }
+          gemm(false, false, kc, d, ri, 1.f, St, ri, ur + i0 * d, d, 1.f, duc_all + k0 * d, d);
+        }
+        // the positives of column kk: the rows gi != kk of its image that this call owns
+        for (int64_t kk = k0; kk < k0 + kc; ++kk) {
+          for (int64_t v = 0; v < p.V; ++v) {
+            const int64_t gi = kk % p.B + v * p.B, i = gi - p.row_offset;
+            if (gi == kk || i < 0 || i >= p.n || c[i] == 0.f) continue;
+            k.axpy(-c[i] * p.inv_tau, ur + i * d, duc_all + kk * d, d);
+          }
+        }
+      }
+    });
+  }
+  const float* duc = duc_all;
   const Dt dt = to_dt(z_rows.scalar_type());
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1));
   at::parallel_for(0, p.n, grain, [&](int64_t r0, int64_t r1) {

@@ -51,6 +51,8 @@ struct KernelTable {
   void (*lse_update)(const float* s, int64_t n, float* m, float* l);
   // s[j] = coef * exp(s[j] - lse) in place
   void (*scaled_softmax)(float* s, int64_t n, float lse, float coef);
+  // s[j] = coef[j] * exp(s[j] - lse[j]) in place (a row of a transposed tile: one lse per column)
+  void (*scaled_softmax_cols)(float* s, int64_t n, const float* lse, const float* coef);
   // dz[r] = (du[r] - u[r] (u[r] . du[r])) * inv_norm[r], cast to dt; du, u contiguous [*, d] float32
   void (*normalize_bwd_rows)(Dt dt, int64_t r0, int64_t r1, int64_t d, const float* du, const float* u,
                              const float* inv_norm, void* dz);

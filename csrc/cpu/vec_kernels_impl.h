@@ -370,6 +370,14 @@ void scaled_softmax(float* s, int64_t n, float lse, float coef) {
   for (; j < n; ++j) s[j] = coef * std::exp(s[j] - lse);
 }
 
+void scaled_softmax_cols(float* s, int64_t n, const float* lse, const float* coef) {
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) {
+    (fVec::loadu(coef + j) * (fVec::loadu(s + j) - fVec::loadu(lse + j)).exp_u20()).store(s + j);
+  }
+  for (; j < n; ++j) s[j] = coef[j] * std::exp(s[j] - lse[j]);
+}
+
 template <typename T>
 void normalize_bwd_rows_t(int64_t r0, int64_t r1, int64_t d, const float* du, const float* u,
                           const float* inv_norm, T* dz) {
@@ -447,6 +455,7 @@ const KernelTable table = {
     normalize_rows,
     lse_update,
     scaled_softmax,
+    scaled_softmax_cols,
     normalize_bwd_rows,
     dot,
     axpy,

@@ -9,7 +9,8 @@ benchmark layout):
 * ``compiled`` -- ``torch.compile`` of that reference.
 
 Run:  pytest bench/ --benchmark-only [--benchmark-json out.json];  python bench/report.py out.json
-URKLE_FAST_BENCH_DEVICE=cpu|cuda overrides the device (default: cuda when present).
+URKLE_FAST_BENCH_DEVICE=cpu|cuda overrides the device (default: cuda when present);
+URKLE_FAST_BENCH_THREADS=n sets torch's CPU thread count (the default is torch's own).
 
 Each benchmark records in ``extra_info``: op, mode, case, variant, device name, dtype, shape, the peak
 extra memory of one call (``peak_mem_bytes``, see :func:`peak_memory`) and the achieved GB/s (KL, PGD:
@@ -34,6 +35,8 @@ import torch  # noqa: E402
 VARIANTS = ("fused", "eager", "compiled")
 
 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+if os.environ.get("URKLE_FAST_BENCH_THREADS", "").strip():
+    torch.set_num_threads(int(os.environ["URKLE_FAST_BENCH_THREADS"]))
 
 
 def bench_device() -> str:

@@ -1,8 +1,8 @@
 """Markdown tables from a pytest-benchmark JSON file (``pytest bench/ --benchmark-only --benchmark-json F``).
 
-    python bench/report.py F [--title TITLE]
+    python bench/report.py F [--title TITLE] [--stat median|min]
 
-One row per (op, mode, case): the median time of each variant (fused = the public op, eager = the
+One row per (op, mode, case): the median (or --stat min: the best) time of each variant (fused = the public op, eager = the
 pure-torch reference, compiled = torch.compile of the reference), the ratios fused/eager and
 fused/compiled of the medians (below 1: the fused op is faster), the fused op's GB/s or TFLOP/s and
 each variant's peak extra memory of one call. A variant that did not run (skipped, e.g. out of memory)
@@ -45,13 +45,13 @@ def rows(data: dict) -> "OrderedDict[tuple, dict]":
         variant = info.get("variant") or (b.get("params") or {}).get("variant", "?")
         st = b.get("stats", {})
         table.setdefault(key, {})[variant] = dict(
-            median=st.get("median"), iqr=st.get("iqr"), rounds=st.get("rounds"),
+            median=st.get("median"), min=st.get("min"), iqr=st.get("iqr"), rounds=st.get("rounds"),
             peak=info.get("peak_mem_bytes"), gbps=info.get("gbps"), tflops=info.get("tflops"),
             device_name=info.get("device_name"), torch=info.get("torch"))
     return table
 
 
-def markdown(data: dict, title: str | None = None) -> str:
+def markdown(data: dict, title: str | None = None, stat: str = "median") -> str:
     table = rows(data)
     out = []
     if title:
@@ -63,24 +63,29 @@ def markdown(data: dict, title: str | None = None) -> str:
                f"torch {', '.join(torches) or '?'}; python {machine.get('python_version', '?')}; "
                f"run {data.get('datetime', '?')}.")
     out.append("")
+    out.append(f"Statistic: {stat} time per call.")
+    out.append("")
     out.append("| op | mode | case | fused ms | eager ms | compiled ms | fused/eager | fused/compiled "
                "| fused throughput | peak MiB fused / eager / compiled |")
     out.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for (op, mode, case), r in table.items():
-        med = {v: (r.get(v) or {}).get("median") for v in VARIANTS}
+        med = {v: (r.get(v) or {}).get(stat) for v in VARIANTS}
         peak = {v: (r.get(v) or {}).get("peak") for v in VARIANTS}
         fused = r.get("fused") or {}
+        # throughput was recorded over the median; rescale for another statistic
+        rescale = (fused["median"] / med["fused"]) if fused.get("median") and med["fused"] else 1.0
         if fused.get("gbps") is not None:
-            thr = f"{fused['gbps']:.1f} GB/s"
+            thr = f"{fused['gbps'] * rescale:.1f} GB/s"
         elif fused.get("tflops") is not None:
-            thr = f"{fused['tflops'] * 1e3:.1f} GFLOP/s" if fused["tflops"] < 1 else f"{fused['tflops']:.2f} TFLOP/s"
+            tf = fused["tflops"] * rescale
+            thr = f"{tf * 1e3:.1f} GFLOP/s" if tf < 1 else f"{tf:.2f} TFLOP/s"
         else:
             thr = "-"
         out.append(f"| {op} | {mode} | {case} | {_ms(med['fused'])} | {_ms(med['eager'])} | {_ms(med['compiled'])} "
                    f"| {_ratio(med['fused'], med['eager'])} | {_ratio(med['fused'], med['compiled'])} | {thr} "
                    f"| {_mib(peak['fused'])} / {_mib(peak['eager'])} / {_mib(peak['compiled'])} |")
     out.append("")
-    out.append("Times are medians over the rounds pytest-benchmark ran; ratios are of medians (< 1: the fused "
+    out.append(f"Times: the {stat} over the rounds pytest-benchmark ran; ratios are of those (< 1: the fused "
                "op is faster). Peak memory: extra bytes of one call (outputs included), see bench/conftest.py.")
     return "\n".join(out) + "\n"
 
@@ -89,8 +94,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", help="pytest-benchmark JSON file")
     ap.add_argument("--title", default=None)
+    ap.add_argument("--stat", default="median", choices=("median", "min"))
     args = ap.parse_args(argv)
-    sys.stdout.write(markdown(load(args.json), args.title))
+    sys.stdout.write(markdown(load(args.json), args.title, args.stat))
     return 0
 
 

@@ -442,9 +442,9 @@ def _rnorm(z: torch.Tensor, launch) -> torch.Tensor:
     if n == 0:
         return out
     block_d = min(max(triton.next_power_of_2(d), 16), 128 if _INTERPRET else 256)
-    block_r = max(1, (2048 if _INTERPRET else 4096) // block_d)
+    block_r = max(1, 2048 // block_d)
     launch(_row_rnorm_kernel)[(triton.cdiv(n, block_r),)](z, out, n, d, z.stride(0), BLOCK_R=block_r,
-                                                          BLOCK_D=block_d, num_warps=4)
+                                                          BLOCK_D=block_d, num_warps=4 if _INTERPRET else 8)
     return out
 
 

@@ -140,12 +140,15 @@ def test_nt_xent_bwd_checks():
 
 # ------------------------------------------------------------------------------- NT-Xent rows vs columns
 
+@pytest.mark.parametrize("strategy", ["private", "split"])
 @pytest.mark.parametrize("denominator", [0, 1])
 @pytest.mark.parametrize("views", [2, 4])
-def test_nt_xent_row_offset_shards_add_up(views, denominator):
+def test_nt_xent_row_offset_shards_add_up(views, denominator, strategy, monkeypatch):
     """Rows split across 'ranks' (row_offset, z_rows a slice of the gathered z_cols) give the full call's
     loss rows, and the per-rank gradients summed (all-reduce of dz_cols, dz_rows placed at the rows)
-    give the full gradient."""
+    give the full gradient. Both CPU backward strategies (per-thread dU_cols buffers, or the
+    column-parallel second pass used on many-core machines)."""
+    monkeypatch.setenv("URKLE_FAST_NT_XENT_CPU_BWD", strategy)
     torch.manual_seed(0)
     B, d = 37, 129
     N = views * B
@@ -164,10 +167,13 @@ def test_nt_xent_row_offset_shards_add_up(views, denominator):
         shard_grad[lo:hi] += r_s
         shard_grad += c_s
     torch.testing.assert_close(shard_grad, full_grad, rtol=1e-5, atol=1e-6)
-    # and the float64 reference of the same contract
-    ref, ref_lse = nt_xent_rows_reference(z.double(), z.double(), views, 0.3, denominator, 0)
+    # and autograd through the float64 reference of the same contract
+    zd = z.double().requires_grad_()
+    ref, ref_lse = nt_xent_rows_reference(zd, zd, views, 0.3, denominator, 0)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+    (ref_grad,) = torch.autograd.grad(ref, zd, c.double())
+    torch.testing.assert_close(full_grad.double(), ref_grad, rtol=1e-4, atol=1e-5)
 
 
 def test_nt_xent_alias_and_copy_agree():

@@ -149,6 +149,8 @@ def test_bad_tensors():
         pgd_step_(x.clone().requires_grad_(), g, x0, alpha=0.1, eps=0.1)
     with pytest.raises(ValueError, match=r"x_adv must not be empty, got shape \(0, 3\)"):
         pgd_step_(x[:0], g[:0], x0[:0], alpha=0.1, eps=0.1)
+    with pytest.raises(ValueError, match=r"x_adv must be at least 2-D \[samples, ...\] for norm='l2', got shape \(6,\)"):
+        pgd_step_(x.flatten(), g.flatten(), x0.flatten(), alpha=0.1, eps=0.1, norm="l2")
     with pytest.raises(TypeError, match="x_adv must have dtype in .*got int64"):
         pgd_step_(x.long(), g.long(), x0.long(), alpha=1, eps=1)
     with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\) or None, got -1"):

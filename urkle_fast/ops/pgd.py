@@ -123,8 +123,9 @@ def _check_step_args(fn, x_adv, grad, x_orig, alpha, eps, lo, hi, norm):
         raise ValueError(f"{fn}: lo must be <= hi, got lo={lo}, hi={hi}")
     if x_adv.numel() == 0:
         raise ValueError(f"{fn}: x_adv must not be empty, got shape {tuple(x_adv.shape)}")
-    if norm == "l2" and x_adv.dim() < 1:
-        raise ValueError(f"{fn}: x_adv must have a batch dimension for norm='l2', got a 0-D tensor")
+    if norm == "l2" and x_adv.dim() < 2:
+        raise ValueError(f"{fn}: x_adv must be at least 2-D [samples, ...] for norm='l2', got shape "
+                         f"{tuple(x_adv.shape)}")
     return alpha, eps, lo, hi
 
 

@@ -33,7 +33,8 @@ def _extensions():
     if not cpu_sources:
         print("urkle_fast: no C++ sources in csrc/; skipping urkle_fast._C")
         return [], {}
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DURKLE_FAST_OMP"]
+    # no -std flag: torch's BuildExtension adds the standard its headers need (C++20 for torch 2.14)
+    cxx_flags = ["-O3", "-fopenmp", "-DURKLE_FAST_OMP"]
     link_flags = ["-fopenmp"]
 
     nvcc = shutil.which("nvcc") or (
@@ -56,7 +57,7 @@ def _extensions():
             sources=cpu_sources + cuda_sources,
             extra_compile_args={
                 "cxx": cxx_flags + ["-DURKLE_FAST_WITH_CUDA"],
-                "nvcc": ["-O3", "--use_fast_math", "-std=c++17", "-DURKLE_FAST_WITH_CUDA"],
+                "nvcc": ["-O3", "--use_fast_math", "-DURKLE_FAST_WITH_CUDA"],
             },
             extra_link_args=link_flags,
         )

@@ -85,8 +85,10 @@ def not_supported_reasons(backend: str, op: str, device_type: str) -> list[str]:
                            "or URKLE_FAST_SKIP_CUDA_BUILD=1)")
         elif device_type not in ("cpu", "cuda"):
             reasons.append(f"no native kernel for device type {device_type!r}")
-        elif not hasattr(torch.ops.urkle_fast, NATIVE_OP_NAMES[op]):
-            reasons.append(f"urkle_fast._C has no kernel for {op}")
+        elif not torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"urkle_fast::{NATIVE_OP_NAMES[op]}", "CUDA" if device_type == "cuda" else "CPU"
+        ):
+            reasons.append(f"urkle_fast._C has no {device_type.upper()} kernel for {op}")
         return reasons
     if backend == "triton":
         triton, err = _triton_module()

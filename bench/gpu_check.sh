@@ -10,6 +10,8 @@
 #   bandwidth  big tensor copy, GB/s                        -> $OUT/bandwidth.md
 #   bench      pytest bench/ --benchmark-only               -> $OUT/bench.json, $OUT/bench.log, $OUT/bench.md
 # Every stage appends a line to $OUT/summary.md; the exit status is non-zero when any stage failed.
+# At the end every markdown table is concatenated into $OUT/report.md and the logs are packed into
+# $OUT/logs.tar.gz, so that what comes back stays within the device tool's 8 files.
 # One call of the device tool allows 10 minutes: run "env build tests" and "bandwidth bench" as two calls
 # on the same warm machine if all of them do not fit (the in-place build stays between calls).
 set -uo pipefail
@@ -111,6 +113,8 @@ for s in "${STAGES[@]}"; do
     *) echo "unknown stage $s (env build tests bandwidth bench)" >&2; status=2 ;;
   esac
 done
-echo "summary: $OUT/summary.md"
-cat "$OUT/summary.md"
+cat "$OUT/summary.md" "$OUT"/env.md "$OUT"/tests.md "$OUT"/bandwidth.md "$OUT"/bench.md > "$OUT/report.md" 2>/dev/null
+(cd "$OUT" && tar czf logs.tar.gz ./*.log && rm -f ./*.log env.md tests.md bandwidth.md bench.md)
+echo "report: $OUT/report.md"
+cat "$OUT/report.md"
 exit $status

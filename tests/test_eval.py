@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from urkle_fast.checkpoint import CheckpointError
-from urkle_fast.eval import evaluate_checkpoints, evaluate_models, load_checkpoint, main
+from urkle_fast.eval import cli, evaluate_checkpoints, evaluate_models, load_checkpoint, main
 from urkle_fast.evaluation.attacks import _apgd_checkpoints, robust_accuracy
 from urkle_fast.evaluation.datasets import load_split
 from urkle_fast.evaluation.probe import (ProbabilisticClassifier, balanced_subset, bounded_log_probs, make_head,
@@ -176,6 +176,7 @@ def test_evaluate_models_writes_table_json_pngs(tmp_path, digits, standard):
     assert "| Standard |" in md and "| Tiny VAE |" in md and "PGD 0.1" in md and "APGD 0.2" in md and "PGD&APGD 0.1" in md
     assert md.count("## Labels:") == 4  # 2 budgets x (S-sample, mu)
     assert res["models"]["Standard"]["budgets"]["all"]["paths"]["samples"]["clean"] > 0.9
+    assert all(p.requires_grad for p in standard.parameters())  # the caller's model is left as it was
 
 
 def test_checkpoint_roundtrip_and_cli(tmp_path):
@@ -215,3 +216,6 @@ def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         evaluate_checkpoints({"x": str(tmp_path / "nope.pt")}, dataset="digits", eps_list=[0.1],
                              out_dir=str(tmp_path / "o"))
+    # the command line turns them into one-line errors with exit status 2
+    assert cli(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert cli(["--checkpoint", str(bad), "--dataset", "digits"]) == 2

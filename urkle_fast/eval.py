@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -113,7 +114,9 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
 
     for name, (model, config) in models.items():
         t0 = time.time()
-        model = model.to(device).eval()
+        model = model.to(device)
+        was_training, flags = model.training, [p.requires_grad for p in model.parameters()]
+        model.eval()  # restored after this model's evaluation
         for p in model.parameters():
             p.requires_grad_(False)
         cfg_ds = config.get("dataset")
@@ -165,6 +168,9 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
                     model, x_test[:k].to(device), y_test[:k], os.path.join(out_dir, f"zspace_{_slug(name)}.png"),
                     eps=fig_eps, steps=attack_steps, seed=seed,
                     title=f"{name}: 20 z samples per image (o) and per Urkle adversary (x), eps = {fig_eps:g}"))
+        model.train(was_training)
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
         entry["wall_s"] = round(time.time() - t0, 2)
         results["models"][name] = entry
         if verbose:
@@ -240,30 +246,30 @@ class EvalConfig:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> EvalConfig:
-    p = argparse.ArgumentParser(prog="python -m urkle_fast.eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m urkle_fast.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", action="append", required=True, help="checkpoint file (repeat for several models)")
     p.add_argument("--name", action="append", default=[], help="row name per --checkpoint, in order (default: method)")
     p.add_argument("--dataset", choices=DATASETS, help="default: the first checkpoint's config")
     p.add_argument("--data-root", help="default: the checkpoint's data_root, else ../shared/data")
     p.add_argument("--eps", type=float, nargs="+", help="test epsilons; default per dataset (SPEC sec. 6)")
-    p.add_argument("--out", default="runs/eval")
-    p.add_argument("--label-budgets", nargs="+", default=["all"], help="'all' and/or label counts, e.g. all 5000 1000")
-    p.add_argument("--samples", type=int, default=10, help="S, z samples averaged per prediction")
-    p.add_argument("--attack-steps", type=int, default=20)
+    p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+    p.add_argument("--label-budgets", nargs="+", default=["all"],
+                   help="'all' and/or label counts, e.g. all 5000 1000 (default all)")
+    p.add_argument("--samples", type=int, default=10, help="S, z samples averaged per prediction (default 10)")
+    p.add_argument("--attack-steps", type=int, default=20, help="PGD steps (default 20)")
     p.add_argument("--alpha", type=float, help="PGD step (default eps/10)")
-    p.add_argument("--eot-iter", type=int, default=1, help="extra gradient averaging (forwards per PGD step)")
-    p.add_argument("--apgd-steps", type=int, default=100, help="APGD-CE iterations; 0 disables")
+    p.add_argument("--eot-iter", type=int, default=1, help="forwards averaged per attack step (default 1)")
+    p.add_argument("--apgd-steps", type=int, default=100, help="APGD-CE iterations; 0 disables (default 100)")
     p.add_argument("--n-test", type=int, help="class-balanced seeded test subset (default: whole test set)")
     p.add_argument("--sweep-eps", type=float, nargs="+", help="epsilons of the accuracy-vs-eps plot")
-    p.add_argument("--sweep-n-test", type=int, default=500)
+    p.add_argument("--sweep-n-test", type=int, default=500, help="test images in the sweep (default 500)")
     p.add_argument("--head", choices=["linear", "mlp3"], help="default: mlp3 on MNIST, linear elsewhere")
-    p.add_argument("--head-epochs", type=int)
-    p.add_argument("--head-lr", type=float, default=1e-3)
+    p.add_argument("--head-epochs", type=int, help="default: 10 on MNIST, 100 on digits, 30 elsewhere")
+    p.add_argument("--head-lr", type=float, default=1e-3, help="Adam lr of the head (default 1e-3)")
     p.add_argument("--bounded-M", type=float, help="bounded softmax of paper footnote 1 (-log p <= M)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="attack batch (default 256)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)
     return EvalConfig(**{k: v for k, v in vars(a).items()})
@@ -295,5 +301,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         checkpoint_paths=paths)
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """``main`` with one-line errors and exit status 2 for bad input (missing / corrupt checkpoint,
+    unknown dataset, missing data)."""
+    try:
+        main(argv)
+    except (FileNotFoundError, CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

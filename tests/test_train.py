@@ -246,3 +246,11 @@ def test_compile_flag_in_the_trainer(tmp_path):
     assert set(a) == set(b)  # no _orig_mod. prefixes
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
+
+
+def test_design_card_command_line_parses():
+    # python -m urkle_fast.train --dataset imagenet --batch 4096
+    from urkle_fast.train import parse_args
+
+    cfg = parse_args(["--dataset", "imagenet", "--batch", "4096"])
+    assert cfg.dataset == "imagenet" and cfg.batch_size == 4096

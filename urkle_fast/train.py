@@ -471,6 +471,8 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
         if f.name in ("in_channels", "num_classes", "pixel_mean", "pixel_std"):
             continue
         flag = "--" + f.name.replace("_", "-")
+        # the design card's spelling: python -m urkle_fast.train --dataset imagenet --batch 4096
+        aliases = ["--batch"] if f.name == "batch_size" else []
         if f.name == "resume":
             p.add_argument(flag, nargs="?", const="auto", default=None,
                            help="resume from PATH, or from <out_dir>/checkpoint.pt when given without a path")
@@ -479,7 +481,8 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
                            help=HELP.get(f.name, "") + "default: %(default)s" + " (None: on for CUDA)" * (f.default is None))
         else:
             typ = {"int": int, "Optional[int]": int, "float": float, "Optional[float]": float}.get(f.type, str)
-            p.add_argument(flag, type=typ, default=f.default, choices=choices.get(f.name), help=HELP.get(f.name, "default: %(default)s"))
+            p.add_argument(flag, *aliases, type=typ, default=f.default, choices=choices.get(f.name),
+                           help=HELP.get(f.name, "default: %(default)s"))
     ns = p.parse_args(argv)
     return TrainConfig(**vars(ns))
 

@@ -3,7 +3,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
+
+#include <cmath>
 
 #include "vec_kernels.h"
 
@@ -60,6 +63,63 @@ inline at::Tensor rows_unit_stride(const at::Tensor& t) {
     return t;
   }
   return t.contiguous();
+}
+
+// ---- checks and layout helpers shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels of an op;
+// `dev` is the device type the kernel runs on.
+
+inline void check_kl_inputs(const char* fn, const at::Tensor& mu_p, const at::Tensor& logvar_p,
+                            const at::Tensor& mu_q, const at::Tensor& logvar_q, int64_t reduction,
+                            c10::DeviceType dev) {
+  check_dim(fn, "mu_p", mu_p, 2, "[B, D]");
+  check_device(fn, "mu_p", mu_p, dev);
+  check_float_dtype(fn, "mu_p", mu_p);
+  check_like(fn, "mu_p", mu_p, "logvar_p", logvar_p);
+  check_like(fn, "mu_p", mu_p, "mu_q", mu_q);
+  check_like(fn, "mu_p", mu_p, "logvar_q", logvar_q);
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, fn, ": reduction must be 0 (none), 1 (sum) or 2 (mean), got ",
+              reduction);
+}
+
+// the upstream gradient of the KL: float32, [B] for reduction 0, a scalar otherwise
+inline void check_kl_grad(const char* fn, const at::Tensor& grad, int64_t B, int64_t reduction,
+                          c10::DeviceType dev) {
+  check_defined(fn, "grad", grad);
+  check_device(fn, "grad", grad, dev);
+  TORCH_CHECK(grad.scalar_type() == at::kFloat, fn, ": grad must be float32, got ", grad.scalar_type());
+  if (reduction == 0) {
+    TORCH_CHECK(grad.dim() == 1 && grad.size(0) == B, fn, ": grad must have shape [B] = [", B,
+                "] for reduction 0 (none), got ", grad.sizes());
+  } else {
+    TORCH_CHECK(grad.numel() == 1, fn, ": grad must be a scalar (shape []) for reduction ", reduction,
+                ", got shape ", grad.sizes());
+  }
+}
+
+inline void check_pgd_inputs(const char* fn, const at::Tensor& x_adv, const at::Tensor& grad,
+                             const at::Tensor& x_orig, double alpha, double eps, double lo, double hi,
+                             c10::DeviceType dev) {
+  check_defined(fn, "x_adv", x_adv);
+  check_device(fn, "x_adv", x_adv, dev);
+  check_float_dtype(fn, "x_adv", x_adv);
+  check_like(fn, "x_adv", x_adv, "grad", grad);
+  check_like(fn, "x_adv", x_adv, "x_orig", x_orig);
+  TORCH_CHECK(std::isfinite(alpha), fn, ": alpha must be finite, got ", alpha);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, fn, ": eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK(!(lo > hi), fn, ": lo must be <= hi, got lo=", lo, ", hi=", hi);
+}
+
+// `t` in the memory layout of the dense tensor `like` (no copy when it already is)
+inline at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
+  if (t.strides() == like.strides()) return t;
+  return at::empty_like(like).copy_(t);
+}
+
+// True when every sample (index of dim 0) is one contiguous block of the flat memory.
+inline bool samples_are_blocks(const at::Tensor& t) {
+  if (!t.is_non_overlapping_and_dense()) return false;
+  if (t.dim() == 0 || t.size(0) <= 1) return true;
+  return t.stride(0) * t.size(0) == t.numel();
 }
 
 }  // namespace urkle_fast::cpu

@@ -18,18 +18,6 @@ namespace {
 constexpr const char* kFwd = "gaussian_kl_fwd_native";
 constexpr const char* kBwd = "gaussian_kl_bwd_native";
 
-void check_inputs(const char* fn, const at::Tensor& mu_p, const at::Tensor& logvar_p, const at::Tensor& mu_q,
-                  const at::Tensor& logvar_q, int64_t reduction) {
-  check_dim(fn, "mu_p", mu_p, 2, "[B, D]");
-  check_device(fn, "mu_p", mu_p, c10::DeviceType::CPU);
-  check_float_dtype(fn, "mu_p", mu_p);
-  check_like(fn, "mu_p", mu_p, "logvar_p", logvar_p);
-  check_like(fn, "mu_p", mu_p, "mu_q", mu_q);
-  check_like(fn, "mu_p", mu_p, "logvar_q", logvar_q);
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, fn, ": reduction must be 0 (none), 1 (sum) or 2 (mean), got ",
-              reduction);
-}
-
 // rows per task: about 32K elements, so that small batches stay on one thread
 int64_t row_grain(int64_t D) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
@@ -37,7 +25,7 @@ int64_t row_grain(int64_t D) {
 
 at::Tensor gaussian_kl_fwd_cpu(const at::Tensor& mu_p, const at::Tensor& logvar_p, const at::Tensor& mu_q,
                                const at::Tensor& logvar_q, int64_t reduction) {
-  check_inputs(kFwd, mu_p, logvar_p, mu_q, logvar_q, reduction);
+  check_kl_inputs(kFwd, mu_p, logvar_p, mu_q, logvar_q, reduction, c10::DeviceType::CPU);
   const int64_t B = mu_p.size(0), D = mu_p.size(1);
   const at::Tensor mp = rows_unit_stride(mu_p), lp = rows_unit_stride(logvar_p);
   const at::Tensor mq = rows_unit_stride(mu_q), lq = rows_unit_stride(logvar_q);
@@ -71,18 +59,9 @@ at::Tensor gaussian_kl_fwd_cpu(const at::Tensor& mu_p, const at::Tensor& logvar_
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& mu_p, const at::Tensor& logvar_p, const at::Tensor& mu_q,
     const at::Tensor& logvar_q, int64_t reduction) {
-  check_inputs(kBwd, mu_p, logvar_p, mu_q, logvar_q, reduction);
+  check_kl_inputs(kBwd, mu_p, logvar_p, mu_q, logvar_q, reduction, c10::DeviceType::CPU);
   const int64_t B = mu_p.size(0), D = mu_p.size(1);
-  check_defined(kBwd, "grad", grad);
-  check_device(kBwd, "grad", grad, c10::DeviceType::CPU);
-  TORCH_CHECK(grad.scalar_type() == at::kFloat, kBwd, ": grad must be float32, got ", grad.scalar_type());
-  if (reduction == 0) {
-    TORCH_CHECK(grad.dim() == 1 && grad.size(0) == B, kBwd, ": grad must have shape [B] = [", B,
-                "] for reduction 0 (none), got ", grad.sizes());
-  } else {
-    TORCH_CHECK(grad.numel() == 1, kBwd, ": grad must be a scalar (shape []) for reduction ", reduction,
-                ", got shape ", grad.sizes());
-  }
+  check_kl_grad(kBwd, grad, B, reduction, c10::DeviceType::CPU);
   const at::Tensor g = reduction == 0 ? grad.contiguous() : grad.reshape({1}).contiguous();
   const float scale = reduction == 2 ? 1.f / static_cast<float>(std::max<int64_t>(B, 1)) : 1.f;
   const int64_t g_stride = reduction == 0 ? 1 : 0;

@@ -20,37 +20,10 @@ namespace {
 
 constexpr int64_t kGrain = 32768;  // elements per task: ~100 us of work, amortises the thread wake-up
 
-void check_inputs(const char* fn, const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_orig,
-                  double alpha, double eps, double lo, double hi) {
-  check_defined(fn, "x_adv", x_adv);
-  check_device(fn, "x_adv", x_adv, c10::DeviceType::CPU);
-  check_float_dtype(fn, "x_adv", x_adv);
-  check_like(fn, "x_adv", x_adv, "grad", grad);
-  check_like(fn, "x_adv", x_adv, "x_orig", x_orig);
-  TORCH_CHECK(std::isfinite(alpha), fn, ": alpha must be finite, got ", alpha);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, fn, ": eps must be finite and >= 0, got ", eps);
-  TORCH_CHECK(!(lo > hi), fn, ": lo must be <= hi, got lo=", lo, ", hi=", hi);
-}
-
-// `t` in the memory layout of the dense tensor `like` (no copy when it already is)
-at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
-  if (t.strides() == like.strides()) {
-    return t;
-  }
-  return at::empty_like(like).copy_(t);
-}
-
-// True when every sample (index of dim 0) is one contiguous block of the flat memory.
-bool samples_are_blocks(const at::Tensor& t) {
-  if (!t.is_non_overlapping_and_dense()) return false;
-  if (t.dim() == 0 || t.size(0) <= 1) return true;
-  return t.stride(0) * t.size(0) == t.numel();
-}
-
 void pgd_step_linf_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_orig, double alpha,
                        double eps, double lo, double hi) {
   constexpr const char* fn = "pgd_step_linf_native_";
-  check_inputs(fn, x_adv, grad, x_orig, alpha, eps, lo, hi);
+  check_pgd_inputs(fn, x_adv, grad, x_orig, alpha, eps, lo, hi, c10::DeviceType::CPU);
   const int64_t n = x_adv.numel();
   if (n == 0) return;
   const bool direct = x_adv.is_non_overlapping_and_dense();
@@ -75,7 +48,7 @@ void pgd_step_linf_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Tens
 void pgd_step_l2_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_orig, double alpha,
                      double eps, double lo, double hi) {
   constexpr const char* fn = "pgd_step_l2_native_";
-  check_inputs(fn, x_adv, grad, x_orig, alpha, eps, lo, hi);
+  check_pgd_inputs(fn, x_adv, grad, x_orig, alpha, eps, lo, hi, c10::DeviceType::CPU);
   TORCH_CHECK(x_adv.dim() >= 1, fn, ": x_adv must have a batch dimension (dim >= 1), got a 0-D tensor");
   const int64_t n = x_adv.numel();
   if (n == 0) return;

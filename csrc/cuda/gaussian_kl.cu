@@ -95,19 +95,6 @@ __global__ void kl_bwd_kernel(const float* __restrict__ grad, int64_t grad_strid
   }
 }
 
-void check_inputs(const char* fn, const at::Tensor& mu_p, const at::Tensor& logvar_p, const at::Tensor& mu_q,
-                  const at::Tensor& logvar_q, int64_t reduction) {
-  using namespace urkle_fast::cpu;
-  check_dim(fn, "mu_p", mu_p, 2, "[B, D]");
-  check_device(fn, "mu_p", mu_p, c10::DeviceType::CUDA);
-  check_float_dtype(fn, "mu_p", mu_p);
-  check_like(fn, "mu_p", mu_p, "logvar_p", logvar_p);
-  check_like(fn, "mu_p", mu_p, "mu_q", mu_q);
-  check_like(fn, "mu_p", mu_p, "logvar_q", logvar_q);
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, fn, ": reduction must be 0 (none), 1 (sum) or 2 (mean), got ",
-              reduction);
-}
-
 // 16-byte accesses when every row start is 16-byte aligned and D is a multiple of the pack
 template <typename T>
 bool can_pack(int64_t D, std::initializer_list<const at::Tensor*> ts) {
@@ -120,7 +107,7 @@ bool can_pack(int64_t D, std::initializer_list<const at::Tensor*> ts) {
 
 at::Tensor gaussian_kl_fwd_cuda(const at::Tensor& mu_p, const at::Tensor& logvar_p, const at::Tensor& mu_q,
                                 const at::Tensor& logvar_q, int64_t reduction) {
-  check_inputs(kFwd, mu_p, logvar_p, mu_q, logvar_q, reduction);
+  urkle_fast::cpu::check_kl_inputs(kFwd, mu_p, logvar_p, mu_q, logvar_q, reduction, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(mu_p.device());
   const int64_t B = mu_p.size(0), D = mu_p.size(1);
   using urkle_fast::cpu::rows_unit_stride;
@@ -154,19 +141,10 @@ at::Tensor gaussian_kl_fwd_cuda(const at::Tensor& mu_p, const at::Tensor& logvar
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_kl_bwd_cuda(
     const at::Tensor& grad, const at::Tensor& mu_p, const at::Tensor& logvar_p, const at::Tensor& mu_q,
     const at::Tensor& logvar_q, int64_t reduction) {
-  check_inputs(kBwd, mu_p, logvar_p, mu_q, logvar_q, reduction);
+  urkle_fast::cpu::check_kl_inputs(kBwd, mu_p, logvar_p, mu_q, logvar_q, reduction, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(mu_p.device());
   const int64_t B = mu_p.size(0), D = mu_p.size(1);
-  urkle_fast::cpu::check_defined(kBwd, "grad", grad);
-  urkle_fast::cpu::check_device(kBwd, "grad", grad, c10::DeviceType::CUDA);
-  TORCH_CHECK(grad.scalar_type() == at::kFloat, kBwd, ": grad must be float32, got ", grad.scalar_type());
-  if (reduction == 0) {
-    TORCH_CHECK(grad.dim() == 1 && grad.size(0) == B, kBwd, ": grad must have shape [B] = [", B,
-                "] for reduction 0 (none), got ", grad.sizes());
-  } else {
-    TORCH_CHECK(grad.numel() == 1, kBwd, ": grad must be a scalar (shape []) for reduction ", reduction,
-                ", got shape ", grad.sizes());
-  }
+  urkle_fast::cpu::check_kl_grad(kBwd, grad, B, reduction, c10::DeviceType::CUDA);
   const at::Tensor g = reduction == 0 ? grad.contiguous() : grad.reshape({1}).contiguous();
   const float scale = reduction == 2 ? 1.f / static_cast<float>(B > 0 ? B : 1) : 1.f;
   const int64_t g_stride = reduction == 0 ? 1 : 0;

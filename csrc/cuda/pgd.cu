@@ -122,41 +122,17 @@ __global__ void pgd_l2_apply_kernel(T* __restrict__ x, const T* __restrict__ g,
   }
 }
 
-void check_inputs(const char* fn, const at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_orig,
-                  double alpha, double eps, double lo, double hi) {
-  using namespace urkle_fast::cpu;
-  check_defined(fn, "x_adv", x_adv);
-  check_device(fn, "x_adv", x_adv, c10::DeviceType::CUDA);
-  check_float_dtype(fn, "x_adv", x_adv);
-  check_like(fn, "x_adv", x_adv, "grad", grad);
-  check_like(fn, "x_adv", x_adv, "x_orig", x_orig);
-  TORCH_CHECK(std::isfinite(alpha), fn, ": alpha must be finite, got ", alpha);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, fn, ": eps must be finite and >= 0, got ", eps);
-  TORCH_CHECK(!(lo > hi), fn, ": lo must be <= hi, got lo=", lo, ", hi=", hi);
-}
-
-at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
-  if (t.strides() == like.strides()) return t;
-  return at::empty_like(like).copy_(t);
-}
-
-bool samples_are_blocks(const at::Tensor& t) {
-  if (!t.is_non_overlapping_and_dense()) return false;
-  if (t.dim() == 0 || t.size(0) <= 1) return true;
-  return t.stride(0) * t.size(0) == t.numel();
-}
-
 void pgd_step_linf_cuda(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_orig, double alpha,
                         double eps, double lo, double hi) {
   constexpr const char* fn = "pgd_step_linf_native_";
-  check_inputs(fn, x_adv, grad, x_orig, alpha, eps, lo, hi);
+  urkle_fast::cpu::check_pgd_inputs(fn, x_adv, grad, x_orig, alpha, eps, lo, hi, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x_adv.device());
   const int64_t n = x_adv.numel();
   if (n == 0) return;
   const bool direct = x_adv.is_non_overlapping_and_dense();
   at::Tensor x = direct ? x_adv : x_adv.contiguous();
-  const at::Tensor g = in_layout_of(grad, x);
-  const at::Tensor x0 = in_layout_of(x_orig, x);
+  const at::Tensor g = urkle_fast::cpu::in_layout_of(grad, x);
+  const at::Tensor x0 = urkle_fast::cpu::in_layout_of(x_orig, x);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const float a = float(alpha), e = float(eps), l = float(lo), h = float(hi);
   URKLE_CUDA_DISPATCH_FLOAT(x.scalar_type(), fn, [&] {
@@ -177,15 +153,15 @@ void pgd_step_linf_cuda(at::Tensor& x_adv, const at::Tensor& grad, const at::Ten
 void pgd_step_l2_cuda(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_orig, double alpha,
                       double eps, double lo, double hi) {
   constexpr const char* fn = "pgd_step_l2_native_";
-  check_inputs(fn, x_adv, grad, x_orig, alpha, eps, lo, hi);
+  urkle_fast::cpu::check_pgd_inputs(fn, x_adv, grad, x_orig, alpha, eps, lo, hi, c10::DeviceType::CUDA);
   TORCH_CHECK(x_adv.dim() >= 1, fn, ": x_adv must have a batch dimension (dim >= 1), got a 0-D tensor");
   const c10::cuda::CUDAGuard guard(x_adv.device());
   const int64_t n = x_adv.numel();
   if (n == 0) return;
-  const bool direct = samples_are_blocks(x_adv);
+  const bool direct = urkle_fast::cpu::samples_are_blocks(x_adv);
   at::Tensor x = direct ? x_adv : x_adv.contiguous();
-  const at::Tensor g = in_layout_of(grad, x);
-  const at::Tensor x0 = in_layout_of(x_orig, x);
+  const at::Tensor g = urkle_fast::cpu::in_layout_of(grad, x);
+  const at::Tensor x0 = urkle_fast::cpu::in_layout_of(x_orig, x);
   const int64_t S = x.size(0), per = n / S;
   const int64_t chunk = 16 * kThreads * 8;  // 32K elements per block of the reduction
   const int64_t chunks = ceil_div(per, chunk);

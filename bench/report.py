@@ -46,7 +46,7 @@ def rows(data: dict) -> "OrderedDict[tuple, dict]":
         st = b.get("stats", {})
         table.setdefault(key, {})[variant] = dict(
             median=st.get("median"), min=st.get("min"), iqr=st.get("iqr"), rounds=st.get("rounds"),
-            peak=info.get("peak_mem_bytes"), gbps=info.get("gbps"), tflops=info.get("tflops"),
+            peak=info.get("peak_mem_bytes"), gbps=info.get("gbps"), tflops=info.get("tflops"), img_per_s=info.get("img_per_s"),
             device_name=info.get("device_name"), torch=info.get("torch"))
     return table
 
@@ -76,6 +76,8 @@ def markdown(data: dict, title: str | None = None, stat: str = "median") -> str:
         rescale = (fused["median"] / med["fused"]) if fused.get("median") and med["fused"] else 1.0
         if fused.get("gbps") is not None:
             thr = f"{fused['gbps'] * rescale:.1f} GB/s"
+        elif fused.get("img_per_s") is not None:
+            thr = f"{fused['img_per_s'] * rescale:.0f} img/s"
         elif fused.get("tflops") is not None:
             tf = fused["tflops"] * rescale
             thr = f"{tf * 1e3:.1f} GFLOP/s" if tf < 1 else f"{tf:.2f} TFLOP/s"

@@ -57,3 +57,18 @@ def test_import_never_crashes_without_extension(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip()) > 0
+
+
+def test_finite_checks_default_to_cpu_only(monkeypatch):
+    from urkle_fast.ops._checks import check_finite_enabled
+
+    monkeypatch.delenv("URKLE_FAST_CHECK_FINITE", raising=False)
+    assert check_finite_enabled(torch.device("cpu")) and not check_finite_enabled(torch.device("cuda"))
+    monkeypatch.setenv("URKLE_FAST_CHECK_FINITE", "1")
+    assert check_finite_enabled(torch.device("cuda"))
+    monkeypatch.setenv("URKLE_FAST_CHECK_FINITE", "0")
+    assert not check_finite_enabled(torch.device("cpu"))
+    # off: a NaN passes through to the kernel instead of raising
+    x = [torch.randn(3, 4) for _ in range(4)]
+    x[0][0, 0] = float("nan")
+    assert torch.isnan(gaussian_kl(*x))

@@ -11,12 +11,21 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def check_finite_enabled() -> bool:
-    """Finiteness checks read every element (and sync a GPU): on by default, off with
-    URKLE_FAST_CHECK_FINITE=0, and never inside a torch.compile trace (they are data-dependent)."""
-    if os.environ.get("URKLE_FAST_CHECK_FINITE", "1").strip() in ("0", "false", "no", "off"):
+def check_finite_enabled(device: torch.device | None = None) -> bool:
+    """Finiteness checks read every element and, on a GPU, synchronise the host with the device.
+
+    URKLE_FAST_CHECK_FINITE: "1" on everywhere, "0" off everywhere, unset ("auto") on for CPU tensors and
+    off for CUDA ones, so the PGD loop on a GPU never waits on the host. Never inside a torch.compile
+    trace (the checks are data-dependent).
+    """
+    if torch.compiler.is_compiling():
         return False
-    return not torch.compiler.is_compiling()
+    val = os.environ.get("URKLE_FAST_CHECK_FINITE", "auto").strip().lower()
+    if val in ("0", "false", "no", "off"):
+        return False
+    if val in ("1", "true", "yes", "on"):
+        return True
+    return device is None or torch.device(device).type == "cpu"
 
 
 def check_tensor(fn: str, name: str, t, *, ndim: int | Sequence[int] | None = None,
@@ -49,7 +58,7 @@ def check_same(fn: str, ref_name: str, ref: torch.Tensor, others: dict, *, shape
 
 
 def check_finite(fn: str, tensors: dict) -> None:
-    if not check_finite_enabled():
+    if not tensors or not check_finite_enabled(next(iter(tensors.values())).device):
         return
     for name, t in tensors.items():
         if not bool(torch.isfinite(t).all()):

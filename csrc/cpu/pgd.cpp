@@ -20,29 +20,45 @@ namespace {
 
 constexpr int64_t kGrain = 32768;  // elements per task: ~100 us of work, amortises the thread wake-up
 
+// The three operands as raw byte pointers over one layout: x_adv itself when `direct` (updated in
+// place), else a contiguous copy that finish() writes back.
+struct Operands {
+  at::Tensor x_adv, x, g, x0;
+  bool direct;
+  Dt dt;
+  int64_t es;
+  char* xp;
+  const char* gp;
+  const char* x0p;
+
+  Operands(at::Tensor& x_adv_, const at::Tensor& grad, const at::Tensor& x_orig, bool direct_)
+      : x_adv(x_adv_), x(direct_ ? x_adv_ : x_adv_.contiguous()), direct(direct_) {
+    g = in_layout_of(grad, x);
+    x0 = in_layout_of(x_orig, x);
+    dt = to_dt(x.scalar_type());
+    es = x.element_size();
+    xp = static_cast<char*>(x.data_ptr());
+    gp = static_cast<const char*>(g.const_data_ptr());
+    x0p = static_cast<const char*>(x0.const_data_ptr());
+  }
+  void finish() {
+    if (!direct) x_adv.copy_(x);
+  }
+};
+
 void pgd_step_linf_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_orig, double alpha,
                        double eps, double lo, double hi) {
   constexpr const char* fn = "pgd_step_linf_native_";
   check_pgd_inputs(fn, x_adv, grad, x_orig, alpha, eps, lo, hi, c10::DeviceType::CPU);
   const int64_t n = x_adv.numel();
   if (n == 0) return;
-  const bool direct = x_adv.is_non_overlapping_and_dense();
-  at::Tensor x = direct ? x_adv : x_adv.contiguous();
-  const at::Tensor g = in_layout_of(grad, x);
-  const at::Tensor x0 = in_layout_of(x_orig, x);
-  const Dt dt = to_dt(x.scalar_type());
-  const int64_t es = x.element_size();
-  auto* xp = static_cast<char*>(x.data_ptr());
-  const auto* gp = static_cast<const char*>(g.const_data_ptr());
-  const auto* x0p = static_cast<const char*>(x0.const_data_ptr());
+  Operands o(x_adv, grad, x_orig, x_adv.is_non_overlapping_and_dense());
   const KernelTable& k = kernels();
   const float a = float(alpha), e = float(eps), l = float(lo), h = float(hi);
   at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t end) {
-    k.pgd_linf(dt, end - b, xp + b * es, gp + b * es, x0p + b * es, a, e, l, h);
+    k.pgd_linf(o.dt, end - b, o.xp + b * o.es, o.gp + b * o.es, o.x0p + b * o.es, a, e, l, h);
   });
-  if (!direct) {
-    x_adv.copy_(x);
-  }
+  o.finish();
 }
 
 void pgd_step_l2_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor& x_orig, double alpha,
@@ -52,18 +68,15 @@ void pgd_step_l2_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor
   TORCH_CHECK(x_adv.dim() >= 1, fn, ": x_adv must have a batch dimension (dim >= 1), got a 0-D tensor");
   const int64_t n = x_adv.numel();
   if (n == 0) return;
-  const bool direct = samples_are_blocks(x_adv);
-  at::Tensor x = direct ? x_adv : x_adv.contiguous();
-  const at::Tensor g = in_layout_of(grad, x);
-  const at::Tensor x0 = in_layout_of(x_orig, x);
-  const Dt dt = to_dt(x.scalar_type());
-  const int64_t es = x.element_size();
-  auto* xp = static_cast<char*>(x.data_ptr());
-  const auto* gp = static_cast<const char*>(g.const_data_ptr());
-  const auto* x0p = static_cast<const char*>(x0.const_data_ptr());
+  Operands o(x_adv, grad, x_orig, samples_are_blocks(x_adv));
+  const Dt dt = o.dt;
+  const int64_t es = o.es;
+  char* xp = o.xp;
+  const char* gp = o.gp;
+  const char* x0p = o.x0p;
   const KernelTable& k = kernels();
 
-  const int64_t S = x.size(0), per = n / S;
+  const int64_t S = o.x.size(0), per = n / S;
   // pass 1: per sample ||g||^2, (x - x0).g, ||x - x0||^2, over chunks so that one huge sample still
   // uses every thread
   const int64_t chunk = kGrain;
@@ -102,9 +115,7 @@ void pgd_step_l2_cpu(at::Tensor& x_adv, const at::Tensor& grad, const at::Tensor
       k.pgd_l2_apply(dt, len, xp + off * es, gp + off * es, x0p + off * es, step[s], factor[s], l, h);
     }
   });
-  if (!direct) {
-    x_adv.copy_(x);
-  }
+  o.finish();
 }
 
 }  // namespace

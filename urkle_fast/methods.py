@@ -17,7 +17,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from urkle_fast import gaussian_kl, nt_xent
+from urkle_fast import gaussian_kl
+from urkle_fast.distributed import nt_xent_global
 from urkle_fast.attack import ae_recon, cross_entropy, pgd, rocl_nt_xent, trades_kl, urkle_kl
 
 
@@ -27,10 +28,11 @@ def _attack(objective, x, cfg, model, eot: int = 1) -> torch.Tensor:
 
 
 def _contrastive(model, x: torch.Tensor, views: int, cfg):
-    """x [views*B, ...] view-major -> (NT-Xent over the views, mu, logvar) with one z sample per row."""
+    """x [views*B, ...] view-major -> (NT-Xent over the views, mu, logvar) with one z sample per row.
+    Under torch.distributed the NT-Xent is over the global batch (every rank's rows are columns)."""
     mu, logvar = model.encode(x)
     p = model.project(model.sample(mu, logvar))
-    return nt_xent(p, views=views, temperature=cfg.temperature, denominator=cfg.denominator), mu, logvar
+    return nt_xent_global(p, views=views, temperature=cfg.temperature, denominator=cfg.denominator), mu, logvar
 
 
 def simclr(model, views, y, cfg):

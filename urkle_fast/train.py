@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from urkle_fast import distributed as udist
 from urkle_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap
 from urkle_fast.data import (DATASETS, INFO, DataRootError, InMemoryDataset, MultiViewAugment, epoch_batches,
                              load_dataset, num_classes_of, preset_for, steps_per_epoch)
@@ -46,7 +48,7 @@ DEFAULT_EPS = {"digits": 0.15, "mnist": 0.1, "cifar10": 8 / 255, "cifar100": 8 /
 DEFAULT_DZ = {"resnet18": 512, "resnet50": 2048, "mnist_conv": 128, "digits_conv": 64}
 # fields that may change when resuming (they do not change what is computed)
 RUNTIME_FIELDS = ("out_dir", "resume", "progress", "num_workers", "ckpt_every", "log_every", "tensorboard",
-                  "max_steps", "device", "compile", "compile_backend", "threads")
+                  "max_steps", "device", "compile", "compile_backend", "threads", "dist_backend")
 
 
 @dataclass
@@ -93,6 +95,9 @@ class TrainConfig:
     compile_backend: str = "inductor"
     amp: Optional[bool] = None  # bf16 autocast; default: on for CUDA
     channels_last: Optional[bool] = None  # default: on for CUDA
+    # torch.distributed (torchrun): batch_size is the global batch, split evenly over the ranks
+    dist_backend: Optional[str] = None  # None: nccl on CUDA, gloo on the CPU
+    sync_bn: Optional[bool] = None  # global batch norm across ranks (SimCLR); default: on for multi-GPU CUDA
     num_workers: int = 2
     threads: Optional[int] = None  # torch intra-op threads on the CPU (1 is fastest for the tiny digits model)
     ckpt_every: int = 0  # steps; 0 = only at the end (and on SIGTERM / SIGINT)
@@ -250,6 +255,19 @@ def compile_model(model: nn.Module, backend: str) -> None:
 # the loop
 
 
+class MethodStep(nn.Module):
+    """The method's loss as a module's forward, so DistributedDataParallel can wrap it: the methods
+    call model.encode / project / ... (and run attacks), which DDP's forward hooks would not see."""
+
+    def __init__(self, model: nn.Module, loss_fn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, views: torch.Tensor, labels: torch.Tensor, cfg: "TrainConfig"):
+        return self.loss_fn(self.model, views, labels, cfg)
+
+
 class _StopFlag:
     def __init__(self):
         self.signum: Optional[int] = None
@@ -259,7 +277,10 @@ class _StopFlag:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train one run; returns {"checkpoint", "step", "loss", "interrupted" (signal number or None)}.
+    """Train one run; returns {"checkpoint", "step", "loss", "interrupted" (signal number or None), "model"}.
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this: DDP over a MethodStep, the global
+    NT-Xent (urkle_fast.distributed), rank 0 writes checkpoints and metrics.
 
     Raises DataRootError, CheckpointError, NonFiniteLossError, ValueError with clear messages."""
     out_dir = Path(cfg.out_dir)
@@ -273,7 +294,11 @@ def train(cfg: TrainConfig) -> dict:
         # everything that defines the computation comes from the checkpoint
         cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS}})
     cfg = resolve_config(cfg)
-    device = pick_device(cfg.device)
+    ctx = udist.init_distributed(cfg.device, cfg.dist_backend)
+    device, world, rank, main_rank = ctx.device, ctx.world_size, ctx.rank, ctx.is_main
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the "
+                         f"number of processes ({world})")
     on_cuda = device.type == "cuda"
     amp = on_cuda if cfg.amp is None else cfg.amp
     channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last
@@ -296,7 +321,18 @@ def train(cfg: TrainConfig) -> dict:
     total_steps = cfg.epochs * spe
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
-    model = build_model(asdict(cfg)).to(device)
+    model = build_model(asdict(cfg))
+    sync_bn = (on_cuda and world > 1) if cfg.sync_bn is None else cfg.sync_bn
+    if sync_bn and world > 1:
+        if not on_cuda:
+            raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); "
+                             "use --no-sync-bn for CPU processes")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if world > 1:
+        # the same initial weights on every rank (DDP also broadcasts them); from here on each rank
+        # draws its own noise (z samples, random starts)
+        seed_everything(cfg.seed + 7919 * rank)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
@@ -306,30 +342,45 @@ def train(cfg: TrainConfig) -> dict:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
-        set_rng_state(resume_state["rng"])
+        saved_ranks = resume_state.get("rng_ranks") or [resume_state["rng"]]
+        if len(saved_ranks) == world:
+            set_rng_state(saved_ranks[rank])
+        elif main_rank:
+            print(f"resuming a {len(saved_ranks)}-process run with {world} processes: the data order and the "
+                  f"schedule continue exactly, the random streams (z samples, random starts) do not",
+                  file=sys.stderr)
         step = int(resume_state["step"])
     if use_compile:
         compile_model(model, cfg.compile_backend)
     loss_fn = METHODS[cfg.method]
+    step_fn: nn.Module = MethodStep(model, loss_fn)
+    if world > 1:
+        step_fn = nn.parallel.DistributedDataParallel(step_fn, device_ids=[device.index] if on_cuda else None)
     augment = MultiViewAugment(views=NUM_VIEWS[cfg.method], size=cfg.image_size, preset=cfg.augment)
 
     def checkpoint(epoch: int, loss: Optional[float]) -> Path:
-        return save_checkpoint({
-            "config": asdict(cfg), "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "rng": rng_state(),
-            "loss": loss, "torch_version": torch.__version__,
-        }, ckpt_path)
+        # a collective: every rank contributes its random state; rank 0 writes, atomically
+        rng_ranks = udist.gather_objects(rng_state())
+        if main_rank:
+            save_checkpoint({
+                "config": asdict(cfg), "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "rng": rng_ranks[0],
+                "rng_ranks": rng_ranks, "world_size": world, "loss": loss, "torch_version": torch.__version__,
+            }, ckpt_path)
+        udist.barrier()
+        return ckpt_path
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if main_rank:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     metrics_path = out_dir / "metrics.jsonl"
-    if resume_state is not None and metrics_path.exists():
+    if main_rank and resume_state is not None and metrics_path.exists():
         # drop records logged after the checkpoint we resume from: they are about to be redone
         keep = [ln for ln in metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
         metrics_path.write_text("".join(ln + "\n" for ln in keep))
-    metrics_file = open(metrics_path, "a")
+    metrics_file = open(metrics_path, "a") if main_rank else None
     writer = None
-    if cfg.tensorboard:
+    if cfg.tensorboard and main_rank:
         try:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(str(out_dir / "tb"))
@@ -342,18 +393,19 @@ def train(cfg: TrainConfig) -> dict:
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
     from tqdm.auto import tqdm
 
-    pbar = tqdm(total=end_step, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True,
-                desc=f"{cfg.method}/{cfg.dataset}")
+    pbar = tqdm(total=end_step, initial=step, disable=not (cfg.progress and main_rank), unit="step",
+                dynamic_ncols=True, desc=f"{cfg.method}/{cfg.dataset}" + (f" x{world}" if world > 1 else ""))
     last_loss: Optional[float] = None
     t_last, n_last = time.perf_counter(), 0
+    stopping = False  # every rank agrees on it (all-reduced with the loss each step)
     model.train()
     try:
-        while step < end_step and stop.signum is None:
+        while step < end_step and not stopping:
             epoch = step // spe
             for images, labels in epoch_batches(ds, cfg.batch_size, seed=cfg.seed, epoch=epoch,
                                                 start_batch=step % spe, num_workers=cfg.num_workers,
-                                                pin_memory=on_cuda):
-                gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+                                                pin_memory=on_cuda, shard=(rank, world)):
+                gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step + (rank << 40))
                 views = augment(images.to(device, non_blocking=True), gen)
                 if channels_last:
                     views = views.contiguous(memory_format=torch.channels_last) if views.ndim == 4 else \
@@ -364,10 +416,14 @@ def train(cfg: TrainConfig) -> dict:
                 ramp = min(1.0, step / (cfg.beta_warmup_epochs * spe)) if cfg.beta_warmup_epochs > 0 else 1.0
                 step_cfg = dataclasses.replace(cfg, beta_robust=cfg.beta_robust * ramp) if ramp < 1.0 else cfg
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss, metrics = loss_fn(model, views, labels, step_cfg)
-                if not torch.isfinite(loss):
+                    loss, metrics = step_fn(views, labels, step_cfg)
+                # one small all-reduce per step: the mean loss over ranks and whether any rank was signalled
+                shared = udist.all_reduce_mean(torch.stack([loss.detach().float(),
+                                                            loss.new_tensor(float(stop.signum is not None))]))
+                global_loss, stopping = shared[0], bool(shared[1] > 0)
+                if not torch.isfinite(global_loss):
                     raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {step} (epoch {epoch}) of {cfg.method} on {cfg.dataset}; "
+                        f"loss is {global_loss.item()} at step {step} (epoch {epoch}) of {cfg.method} on {cfg.dataset}; "
                         f"stopped before the optimiser step. The last good checkpoint is left as it was: "
                         f"{ckpt_path if ckpt_path.exists() else 'none was written yet'}. Lower --base-lr or "
                         f"--beta-robust, or raise --sigma-min"
@@ -378,12 +434,16 @@ def train(cfg: TrainConfig) -> dict:
                 scheduler.step()
                 step += 1
                 n_last += cfg.batch_size
-                last_loss = float(loss.detach())
+                last_loss = float(global_loss)
                 if step % cfg.log_every == 0 or step == end_step:
+                    names = sorted(metrics)
+                    values = udist.all_reduce_mean(torch.stack([metrics[k].detach().float() for k in names])) \
+                        if names else []
                     dt = time.perf_counter() - t_last
                     rec = {"step": step, "epoch": epoch, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                           "img_per_s": n_last / max(dt, 1e-9),
-                           **{k: float(v) for k, v in metrics.items()}}
+                           "img_per_s": n_last / max(dt, 1e-9), **{k: float(v) for k, v in zip(names, values)}}
+                    t_last, n_last = time.perf_counter(), 0
+                if main_rank and (step % cfg.log_every == 0 or step == end_step):
                     metrics_file.write(json.dumps(rec) + "\n")
                     metrics_file.flush()
                     if writer is not None:
@@ -391,20 +451,24 @@ def train(cfg: TrainConfig) -> dict:
                             if k not in ("step", "epoch"):
                                 writer.add_scalar(k, v, step)
                     pbar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rec['img_per_s']:.0f}")
-                    t_last, n_last = time.perf_counter(), 0
                 pbar.update(1)
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                     checkpoint(epoch, last_loss)
-                if step >= end_step or stop.signum is not None:
+                if world == 1 and stop.signum is not None:
+                    stopping = True  # a single process need not wait for the next all-reduce
+                if step >= end_step or stopping:
                     break
         path = checkpoint(step // spe, last_loss)
-        if stop.signum is not None:
-            print(f"\nreceived {signal.Signals(stop.signum).name}: saved {path} at step {step}; "
+        interrupted = (stop.signum or signal.SIGTERM) if stopping else None
+        if interrupted is not None and main_rank:
+            print(f"\nreceived {signal.Signals(interrupted).name}: saved {path} at step {step}; "
                   f"continue with --out-dir {out_dir} --resume", file=sys.stderr)
-        return {"checkpoint": str(path), "step": step, "loss": last_loss, "interrupted": stop.signum}
+        return {"checkpoint": str(path), "step": step, "loss": last_loss, "interrupted": interrupted,
+                "model": unwrap(model)}
     finally:
         pbar.close()
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         if writer is not None:
             writer.close()
         for s, h in old_handlers.items():
@@ -457,6 +521,9 @@ HELP = {
     "threads": "torch CPU threads (None: torch's default)",
     "ckpt_every": "steps between checkpoints; 0: only at the end and on SIGTERM / SIGINT",
     "eot": "z samples averaged per RoCL attack step",
+    "batch_size": "the global batch (split evenly over torchrun's processes); lr = base_lr * batch_size / 256",
+    "dist_backend": "torch.distributed backend under torchrun; None: nccl on CUDA, gloo on the CPU",
+    "sync_bn": "global batch norm over all processes (SimCLR); default: on for multi-process CUDA runs",
 }
 
 
@@ -466,6 +533,7 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     choices = {"method": sorted(METHODS), "dataset": list(DATASETS), "optimizer": ["lars", "sgd", "adamw"],
                "norm": ["linf", "l2"], "denominator": ["all", "negatives"], "variance": ["softplus", "exp"],
                "arch": ["resnet18", "resnet50", "mnist_conv", "digits_conv"], "stem": ["cifar", "imagenet"],
+               "dist_backend": ["nccl", "gloo"],
                "augment": ["simclr", "digits", "light", "none"]}
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("in_channels", "num_classes", "pixel_mean", "pixel_std"):
@@ -499,11 +567,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         result = train(parse_args(argv))
     except (DataRootError, CheckpointError, NonFiniteLossError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}" if udist.rank() == 0 else f"error (rank {udist.rank()}): {exc}", file=sys.stderr)
         return 2 if not isinstance(exc, NonFiniteLossError) else 3
+    finally:
+        udist.shutdown()
     if result["interrupted"] is not None:
         return 128 + int(result["interrupted"])
-    print(f"done: {result['step']} steps, last loss {result['loss']:.4f}, checkpoint {result['checkpoint']}")
+    if os.environ.get("RANK", "0") == "0":  # the process group is gone by now
+        print(f"done: {result['step']} steps, last loss {result['loss']:.4f}, checkpoint {result['checkpoint']}")
     return 0
 
 

@@ -215,13 +215,24 @@ def as_tensors(ds: Dataset, limit: Optional[int] = None) -> tuple[torch.Tensor, 
 
 
 def epoch_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int, start_batch: int = 0,
-                  num_workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  num_workers: int = 0, pin_memory: bool = False,
+                  shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches (images, labels) of one epoch in a fixed order, a function of (seed, epoch) only, so a
     resumed run skips `start_batch` batches and sees exactly what an uninterrupted run would see.
-    The last incomplete batch is dropped (contrastive losses want a fixed batch)."""
+    The last incomplete batch is dropped (contrastive losses want a fixed batch).
+
+    ``batch_size`` is the global batch; ``shard=(rank, world)`` yields only images
+    [rank * b, (rank + 1) * b) of each global batch, b = batch_size / world (which must divide), so
+    the ranks of a torch.distributed run read disjoint slices of the same global batches."""
+    rank, world = shard
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+    if batch_size % world:
+        raise ValueError(f"the global batch size {batch_size} must be divisible by the number of ranks {world}")
+    b = batch_size // world
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     n_batches = len(ds) // batch_size
-    batches = [perm[i * batch_size:(i + 1) * batch_size] for i in range(start_batch, n_batches)]
+    batches = [perm[i * batch_size + rank * b:i * batch_size + (rank + 1) * b] for i in range(start_batch, n_batches)]
     if isinstance(ds, InMemoryDataset):
         for idx in batches:
             yield ds.images[idx], ds.labels[idx]

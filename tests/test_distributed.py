@@ -1,0 +1,234 @@
+"""torch.distributed on real gloo process groups (CPU): the global NT-Xent against the
+single-process op, the differentiable all-gather, DDP training under torchrun (weights equal on every
+rank, exact resume, SIGTERM), sharded batches and clear errors."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from urkle_fast import nt_xent, use_backend
+from urkle_fast.data import epoch_batches, load_dataset
+from urkle_fast.distributed import all_gather_with_grad, init_distributed, nt_xent_global
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, world: int, *args):
+    """Run fn(rank, world, *args) in `world` processes joined in a gloo group through env://."""
+    port = _free_port()
+    mp.spawn(_worker, args=(world, port, fn, args), nprocs=world, join=True)
+
+
+def _worker(rank, world, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    ctx = init_distributed("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.backend) == (rank, world, "gloo")
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------
+# the global NT-Xent
+
+
+def _check_global_nt_xent(rank, world, out_dir, views, denominator, dtype, backend):
+    g = torch.Generator().manual_seed(123)
+    b, d = 5, 13  # odd sizes: no tile divides them
+    z_all = torch.randn(views, world * b, d, generator=g).to(dtype)
+    z = z_all[:, rank * b:(rank + 1) * b].clone().requires_grad_()
+    with use_backend(backend):
+        loss = nt_xent_global(z, views=views, temperature=0.3, denominator=denominator)
+        (grad,) = torch.autograd.grad(loss * 1.7, z)  # an upstream gradient other than 1
+        ref_z = z_all.clone().requires_grad_()
+        ref = nt_xent(ref_z, views=views, temperature=0.3, denominator=denominator)
+        (ref_grad,) = torch.autograd.grad(ref * 1.7, ref_z)
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    torch.save({"loss": float(loss), "mean": float(mean) / world, "ref": float(ref),
+                # DDP averages gradients over ranks: grad / world is this rank's share of the global one
+                "grad": grad.float() / world, "ref_grad": ref_grad[:, rank * b:(rank + 1) * b].float()},
+               Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("views,denominator", [(2, "all"), (4, "all"), (4, "negatives")])
+def test_global_nt_xent_equals_single_process(tmp_path, world, views, denominator):
+    _spawn(_check_global_nt_xent, world, str(tmp_path), views, denominator, torch.float32, "native")
+    for r in range(world):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        assert res["mean"] == pytest.approx(res["ref"], rel=1e-5, abs=1e-6)
+        torch.testing.assert_close(res["grad"], res["ref_grad"], atol=2e-6, rtol=1e-5)
+    losses = [torch.load(tmp_path / f"rank{r}.pt")["loss"] for r in range(world)]
+    assert len(set(losses)) == world  # each rank's rows are its own
+
+
+@pytest.mark.parametrize("backend,dtype", [("reference", torch.float32), ("triton", torch.float32),
+                                           ("native", torch.bfloat16)])
+def test_global_nt_xent_backends_and_dtypes(tmp_path, backend, dtype):
+    _spawn(_check_global_nt_xent, 2, str(tmp_path), 4, "all", dtype, backend)
+    tol = dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-2)
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        assert res["mean"] == pytest.approx(res["ref"], rel=tol["rtol"], abs=tol["atol"])
+        torch.testing.assert_close(res["grad"], res["ref_grad"], **tol)
+
+
+def _check_all_gather(rank, world, out_dir):
+    x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+    y = all_gather_with_grad(x)
+    w = torch.arange(y.numel(), dtype=torch.float32).view_as(y)
+    (g,) = torch.autograd.grad((y * w * (rank + 1)).sum(), x)
+    torch.save({"y": y.detach(), "g": g, "w": w}, Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_all_gather_with_grad_sums_every_ranks_gradient(tmp_path):
+    _spawn(_check_all_gather, 2, str(tmp_path))
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        assert torch.equal(res["y"], torch.cat([torch.full((2, 3), 1.0), torch.full((2, 3), 2.0)]))
+        # d/dx_r of sum_r' (r'+1) <w, y> = (1 + 2) * w[rows of rank r]
+        assert torch.equal(res["g"], 3 * res["w"][2 * r:2 * r + 2])
+
+
+def test_single_process_falls_back_to_the_local_op():
+    z = torch.randn(4, 6, 8)
+    assert torch.equal(nt_xent_global(z, views=4), nt_xent(z, views=4))
+    assert all_gather_with_grad(z) is z
+
+
+# ------------------------------------------------------------------------------------------------
+# sharded batches
+
+
+def test_shards_partition_every_global_batch():
+    ds = load_dataset("digits", split="train")
+    whole = [y for _, y in epoch_batches(ds, 96, seed=1, epoch=0)]
+    parts = [[y for _, y in epoch_batches(ds, 96, seed=1, epoch=0, shard=(r, 3))] for r in range(3)]
+    assert all(len(p) == len(whole) for p in parts)
+    for i, y in enumerate(whole):
+        assert torch.equal(torch.cat([p[i] for p in parts]), y)
+    with pytest.raises(ValueError, match="divisible by the number of ranks 5"):
+        next(epoch_batches(ds, 96, seed=1, epoch=0, shard=(0, 5)))
+    with pytest.raises(ValueError, match="0 <= rank < world"):
+        next(epoch_batches(ds, 96, seed=1, epoch=0, shard=(3, 3)))
+
+
+# ------------------------------------------------------------------------------------------------
+# DDP training
+
+
+def _train_worker(rank, world, out_dir):
+    from urkle_fast.train import TrainConfig, train
+
+    cfg = TrainConfig(dataset="digits", device="cpu", batch_size=64, epochs=2, max_steps=3, log_every=1,
+                      out_dir=str(Path(out_dir) / "run"), progress=False, threads=1, num_workers=0)
+    res = train(cfg)
+    torch.save({k: v.clone() for k, v in res["model"].state_dict().items()}, Path(out_dir) / f"weights{rank}.pt")
+
+
+def test_ddp_keeps_every_rank_on_the_same_weights(tmp_path):
+    _spawn(_train_worker, 2, str(tmp_path))
+    w0, w1 = torch.load(tmp_path / "weights0.pt"), torch.load(tmp_path / "weights1.pt")
+    params = [k for k in w0 if "running" not in k and "num_batches" not in k]
+    assert all(torch.equal(w0[k], w1[k]) for k in params)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng_ranks"]) == 2 and ckpt["step"] == 3
+    assert all(torch.equal(ckpt["model"][k], w0[k]) for k in params)
+    # the weights moved: an untrained model differs
+    from urkle_fast.models import build_model
+    fresh = build_model(ckpt["config"]).state_dict()
+    assert not all(torch.equal(fresh[k], w0[k]) for k in params)
+
+
+def _torchrun(out_dir, *extra, nproc=2, timeout=300, check=True):
+    cmd = TORCHRUN + ["--nproc-per-node", str(nproc), "--master-port", str(_free_port()), "-m", "urkle_fast.train",
+                      "--dataset", "digits", "--device", "cpu", "--batch", "64", "--epochs", "2", "--log-every", "1",
+                      "--threads", "1", "--num-workers", "0", "--no-progress", "--out-dir", str(out_dir), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _weights(path):
+    return torch.load(path, weights_only=False)["model"]
+
+
+@pytest.mark.slow
+def test_torchrun_resume_continues_exactly(tmp_path):
+    """Two gloo processes: 4 steps in one go == 2 steps, stop, --resume to 4 (bitwise)."""
+    _torchrun(tmp_path / "full", "--max-steps", "4")
+    _torchrun(tmp_path / "part", "--max-steps", "2")
+    _torchrun(tmp_path / "part", "--max-steps", "4", "--resume")
+    a, b = _weights(tmp_path / "full" / "checkpoint.pt"), _weights(tmp_path / "part" / "checkpoint.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    recs = [json.loads(ln) for ln in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_leaves_a_checkpoint_that_resumes(tmp_path):
+    out = tmp_path / "sig"
+    cmd = TORCHRUN + ["--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "urkle_fast.train",
+                      "--dataset", "digits", "--device", "cpu", "--batch", "64", "--epochs", "100", "--log-every", "1",
+                      "--threads", "1", "--num-workers", "0", "--no-progress", "--out-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert "received SIGTERM: saved" in err, err[-3000:]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] >= 2 and ckpt["world_size"] == 2
+    _torchrun(out, "--max-steps", str(ckpt["step"] + 1), "--resume")
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == ckpt["step"] + 1
+
+
+def test_global_batch_must_divide_over_the_processes(tmp_path):
+    proc = _torchrun(tmp_path / "bad", "--batch", "63", "--max-steps", "1", check=False)
+    assert proc.returncode != 0
+    assert "--batch-size 63 is the global batch and must be divisible by the number of processes (2)" in proc.stderr
+
+
+def test_sync_bn_on_cpu_processes_is_a_clear_error(tmp_path):
+    proc = _torchrun(tmp_path / "bad", "--sync-bn", "--max-steps", "1", check=False)
+    assert proc.returncode != 0
+    assert "--sync-bn needs CUDA devices" in proc.stderr
+
+
+def test_init_distributed_errors(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_distributed("cpu").world_size == 1
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"):
+        init_distributed("tpu")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE must be an integer, got 'two'"):
+        init_distributed("cpu")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        with pytest.raises(ValueError, match="torch.cuda.is_available\\(\\) is False"):
+            init_distributed("cuda")

@@ -102,3 +102,18 @@ def test_epoch_batches_order_is_a_function_of_seed_and_epoch():
     assert len(full) == 14 and all(torch.equal(a, b) for a, b in zip(full[5:], tail))
     other = [y for _, y in epoch_batches(ds, 100, seed=3, epoch=3)]
     assert not torch.equal(full[0], other[0])
+
+
+def test_flat_imagenet_folder_on_real_full_size_photos(data_root):
+    """../shared/data/imagenet-samples is a flat ImageFolder (<wnid>/<image>): it is the train split."""
+    root = data_root / "imagenet-samples"
+    ds = load_dataset("imagenet", root, "train", image_size=224)
+    assert len(ds) == 100 and num_classes_of(ds) == 100
+    x, y = ds[7]
+    # decoded (at a reduced JPEG scale) and centre-cropped to 256 = 224 * 8 / 7, room for the random crop
+    assert x.shape == (3, 256, 256) and x.dtype == torch.uint8 and y == 7
+    assert x.float().std() > 10  # a photo, not a blank
+    with pytest.raises(DataRootError, match="val or test"):
+        load_dataset("imagenet", root, "test")
+    with pytest.raises(DataRootError, match="needs --data-root"):
+        load_dataset("imagenet")

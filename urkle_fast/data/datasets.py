@@ -144,7 +144,10 @@ class FolderDataset(Dataset):
         from torchvision.transforms.v2 import functional as TF
 
         path, label = self.inner.samples[i]
-        img = self.inner.loader(path).convert("RGB")
+        img = self.inner.loader(path)
+        if hasattr(img, "draft"):  # JPEG: decode at a reduced DCT scale that still covers the target size
+            img.draft("RGB", (self.size, self.size))
+        img = img.convert("RGB")
         x = TF.pil_to_tensor(img)
         if x.shape[-2:] != (self.size, self.size):
             x = self.transform(x)
@@ -156,6 +159,9 @@ def _split_dir(root: Path, split: str) -> Path:
     for n in names:
         if (root / n).is_dir():
             return root / n
+    if split == "train" and not any((root / n).is_dir() for n in ("val", "test")) and \
+            any(p.is_dir() for p in root.iterdir()):
+        return root  # a flat ImageFolder <root>/<class>/<image> (e.g. ../shared/data/imagenet-samples): train only
     raise DataRootError(
         f"data root {str(root)!r} has no {' or '.join(names)!s}/ folder: expected an ImageFolder layout "
         f"<root>/train/<class>/<image> and <root>/val/<class>/<image> (or test/)"

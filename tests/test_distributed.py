@@ -138,20 +138,25 @@ def test_shards_partition_every_global_batch():
 # DDP training
 
 
-def _train_worker(rank, world, out_dir):
+def _train_worker(rank, world, out_dir, micro_batch=None):
     from urkle_fast.train import TrainConfig, train
 
     cfg = TrainConfig(dataset="digits", device="cpu", batch_size=64, epochs=2, max_steps=3, log_every=1,
-                      out_dir=str(Path(out_dir) / "run"), progress=False, threads=1, num_workers=0)
+                      out_dir=str(Path(out_dir) / "run"), progress=False, threads=1, num_workers=0,
+                      micro_batch=micro_batch)
     res = train(cfg)
     torch.save({k: v.clone() for k, v in res["model"].state_dict().items()}, Path(out_dir) / f"weights{rank}.pt")
 
 
-def test_ddp_keeps_every_rank_on_the_same_weights(tmp_path):
-    _spawn(_train_worker, 2, str(tmp_path))
+@pytest.mark.parametrize("micro_batch", [None, 12], ids=["ddp", "micro-batched"])
+def test_ddp_keeps_every_rank_on_the_same_weights(tmp_path, micro_batch):
+    """DDP, or (with --micro-batch) the gradient cache plus one flat all-reduce of the gradients."""
+    _spawn(_train_worker, 2, str(tmp_path), micro_batch)
     w0, w1 = torch.load(tmp_path / "weights0.pt"), torch.load(tmp_path / "weights1.pt")
     params = [k for k in w0 if "running" not in k and "num_batches" not in k]
     assert all(torch.equal(w0[k], w1[k]) for k in params)
+    if micro_batch:  # rank 0's batch-norm statistics are broadcast after every step, as DDP does
+        assert all(torch.equal(w0[k], w1[k]) for k in w0)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["world_size"] == 2 and len(ckpt["rng_ranks"]) == 2 and ckpt["step"] == 3
     assert all(torch.equal(ckpt["model"][k], w0[k]) for k in params)
@@ -232,3 +237,61 @@ def test_init_distributed_errors(monkeypatch):
         monkeypatch.setenv("WORLD_SIZE", "1")
         with pytest.raises(ValueError, match="torch.cuda.is_available\\(\\) is False"):
             init_distributed("cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+# micro-batches x ranks: the gradient of the global batch
+
+
+def _deterministic_setup(method, patch=setattr):
+    """A digits model without batch norm, a deterministic attack and z noise (as in test_microbatch)."""
+    from urkle_fast import methods as methods_mod
+    from urkle_fast import microbatch
+    from urkle_fast.data import MultiViewAugment, as_tensors
+    from urkle_fast.models import RepresentationModel, build_model
+    from urkle_fast.train import TrainConfig, resolve_config
+
+    def attack(objective, x, cfg, model, eot=1):
+        return (x + cfg.eps * torch.sign(torch.sin(997.0 * x + 0.3))).clamp(0, 1)
+
+    patch(methods_mod, "_attack", attack)
+    patch(microbatch, "_attack", attack)
+    patch(RepresentationModel, "sample",
+          staticmethod(lambda mu, logvar: mu + torch.exp(0.5 * logvar) * torch.sin(131.0 * mu)))
+    cfg = resolve_config(TrainConfig(method=method, dataset="digits", eps=0.1, beta_robust=0.5))
+    torch.manual_seed(0)
+    model = build_model(vars(cfg)).train()
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+                setattr(mod, name, torch.nn.Identity())
+    x, y = as_tensors(load_dataset("digits", split="train"), limit=12)
+    views = MultiViewAugment(2, 8, cfg.augment)(x, torch.Generator().manual_seed(0))
+    return cfg, model, views, y
+
+
+def _micro_worker(rank, world, out_dir, method):
+    from urkle_fast.microbatch import all_reduce_gradients, micro_batched_step
+
+    cfg, model, views, y = _deterministic_setup(method)
+    b = views.shape[1] // world
+    sl = slice(rank * b, (rank + 1) * b)
+    loss, _ = micro_batched_step(model, method, views[:, sl], y[sl], cfg, micro=4)  # 6 images: chunks 4 + 2
+    all_reduce_gradients(model)
+    torch.save({n: p.grad for n, p in model.named_parameters()}, Path(out_dir) / f"grad{rank}.pt")
+
+
+@pytest.mark.parametrize("method", ["simclr_urkle", "simclr"])
+def test_micro_batches_on_two_ranks_give_the_global_gradient(tmp_path, method, monkeypatch):
+    """Each rank: its 6 images in chunks of 4 + 2 (gradient cache over the global NT-Xent), then the
+    gradient all-reduce == autograd through the unchunked loss of all 12 images in one process."""
+    from urkle_fast import methods as methods_mod
+
+    _spawn(_micro_worker, 2, str(tmp_path), method)
+    cfg, model, views, y = _deterministic_setup(method, patch=monkeypatch.setattr)
+    loss, _ = methods_mod.METHODS[method](model, views, y, cfg)
+    loss.backward()
+    for r in range(2):
+        grads = torch.load(tmp_path / f"grad{r}.pt")
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"rank {r} {n}: {m}")

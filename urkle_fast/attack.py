@@ -45,16 +45,18 @@ def frozen(*models: Optional[nn.Module]) -> Iterator[None]:
                 p.requires_grad_(f)
 
 
-def _input_grad(objective: Objective, x_adv: torch.Tensor, eot: int) -> tuple[torch.Tensor, float]:
+def _input_grad(objective: Objective, x_adv: torch.Tensor, eot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradient, objective value) averaged over eot draws; the value stays a device tensor, so a PGD
+    loop on a GPU never waits for the host."""
     grad = torch.zeros_like(x_adv)
-    total = 0.0
+    total = x_adv.new_zeros((), dtype=torch.float32)
     for _ in range(eot):
         x_req = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = objective(x_req).float().sum()
             (g,) = torch.autograd.grad(loss, x_req)
         grad += g
-        total += float(loss.detach())
+        total = total + loss.detach()
     if eot > 1:
         grad /= eot
     return grad, total / eot
@@ -84,7 +86,8 @@ def pgd(objective: Objective, x: torch.Tensor, *, eps: float, alpha: float, step
         x_adv = x_adv.detach()
         for _ in range(steps):
             grad, value = _input_grad(objective, x_adv, eot)
-            history.append(value)
+            if return_history:
+                history.append(float(value))
             pgd_step_(x_adv, grad, x, alpha=alpha, eps=eps, lo=lo, hi=hi, norm=norm)
         if return_history:
             with torch.no_grad():

@@ -40,6 +40,7 @@ from urkle_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpo
 from urkle_fast.data import (DATASETS, INFO, DataRootError, InMemoryDataset, MultiViewAugment, epoch_batches,
                              load_dataset, num_classes_of, preset_for, steps_per_epoch)
 from urkle_fast.methods import DEFAULT_BETA, METHODS, NUM_VIEWS
+from urkle_fast.microbatch import all_reduce_gradients, broadcast_buffers, micro_batched_step
 from urkle_fast.models import DEFAULT_ARCH, METHOD_FAMILY, build_model
 
 # train eps (l_inf, [0, 1] pixels): SPEC sec 6; digits chosen here (see the README / report)
@@ -98,6 +99,7 @@ class TrainConfig:
     # torch.distributed (torchrun): batch_size is the global batch, split evenly over the ranks
     dist_backend: Optional[str] = None  # None: nccl on CUDA, gloo on the CPU
     sync_bn: Optional[bool] = None  # global batch norm across ranks (SimCLR); default: on for multi-GPU CUDA
+    micro_batch: Optional[int] = None  # images per chunk of this rank's batch (urkle_fast.microbatch); None: all
     num_workers: int = 2
     threads: Optional[int] = None  # torch intra-op threads on the CPU (1 is fastest for the tiny digits model)
     ckpt_every: int = 0  # steps; 0 = only at the end (and on SIGTERM / SIGINT)
@@ -354,7 +356,16 @@ def train(cfg: TrainConfig) -> dict:
         compile_model(model, cfg.compile_backend)
     loss_fn = METHODS[cfg.method]
     step_fn: nn.Module = MethodStep(model, loss_fn)
-    if world > 1:
+    local_batch = cfg.batch_size // world
+    if cfg.micro_batch is not None and cfg.micro_batch < 1:
+        raise ValueError(f"--micro-batch must be a positive number of images, got {cfg.micro_batch}")
+    micro = cfg.micro_batch if cfg.micro_batch and cfg.micro_batch < local_batch else None
+    if micro and world > 1:
+        # chunks call the model several times per step, which DDP's reducer does not allow: the
+        # gradients are averaged after the last chunk instead (micro_batched_step's contract)
+        for t in list(model.parameters()) + list(model.buffers()):
+            torch.distributed.broadcast(t.data, src=0)
+    elif world > 1:
         step_fn = nn.parallel.DistributedDataParallel(step_fn, device_ids=[device.index] if on_cuda else None)
     augment = MultiViewAugment(views=NUM_VIEWS[cfg.method], size=cfg.image_size, preset=cfg.augment)
 
@@ -415,8 +426,12 @@ def train(cfg: TrainConfig) -> dict:
                 # NT-Xent no gradient, so a full-strength KL at step 0 can win before features form
                 ramp = min(1.0, step / (cfg.beta_warmup_epochs * spe)) if cfg.beta_warmup_epochs > 0 else 1.0
                 step_cfg = dataclasses.replace(cfg, beta_robust=cfg.beta_robust * ramp) if ramp < 1.0 else cfg
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss, metrics = step_fn(views, labels, step_cfg)
+                if micro:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss, metrics = micro_batched_step(model, cfg.method, views, labels, step_cfg, micro, amp=amp)
+                else:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        loss, metrics = step_fn(views, labels, step_cfg)
                 # one small all-reduce per step: the mean loss over ranks and whether any rank was signalled
                 shared = udist.all_reduce_mean(torch.stack([loss.detach().float(),
                                                             loss.new_tensor(float(stop.signum is not None))]))
@@ -428,8 +443,12 @@ def train(cfg: TrainConfig) -> dict:
                         f"{ckpt_path if ckpt_path.exists() else 'none was written yet'}. Lower --base-lr or "
                         f"--beta-robust, or raise --sigma-min"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if micro:
+                    all_reduce_gradients(model)
+                    broadcast_buffers(model)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
                 optimizer.step()
                 scheduler.step()
                 step += 1
@@ -523,6 +542,8 @@ HELP = {
     "eot": "z samples averaged per RoCL attack step",
     "batch_size": "the global batch (split evenly over torchrun's processes); lr = base_lr * batch_size / 256",
     "dist_backend": "torch.distributed backend under torchrun; None: nccl on CUDA, gloo on the CPU",
+    "micro_batch": "split this process's share of the batch into chunks of this many images (exact gradient "
+                   "of the whole batch; contrastive methods use a gradient cache); None: one chunk",
     "sync_bn": "global batch norm over all processes (SimCLR); default: on for multi-process CUDA runs",
 }
 

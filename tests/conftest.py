@@ -73,6 +73,15 @@ def backend(request):
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test (the tiny models run fastest so, and CI has 2 cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def data_root() -> Path:
     if not DATA_ROOT.is_dir():
         pytest.skip(f"shared data not found at {DATA_ROOT}")

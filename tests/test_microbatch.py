@@ -19,12 +19,7 @@ from urkle_fast.train import TrainConfig, resolve_config, train
 METHODS = ["simclr_urkle", "simclr", "rocl", "at", "vae_urkle", "trades"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _setup(method, B=10, seed=0):

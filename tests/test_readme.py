@@ -28,3 +28,19 @@ def test_ci_runs_the_readme_commands():
     assert "python -m urkle_fast.train" in install
     for step in ("pip install -q -r requirements.txt", "--no-build-isolation -e ."):
         assert step.split("-q ")[-1] in install and step in ci
+
+
+def test_readme_torchrun_commands_parse():
+    """Every `torchrun ... -m urkle_fast.train ARGS` line of the README is a valid trainer command line."""
+    import shlex
+
+    from urkle_fast.train import parse_args
+
+    lines = [ln.strip() for ln in README.splitlines() if ln.strip().startswith("torchrun ")]
+    assert len(lines) >= 2
+    for ln in lines:
+        argv = shlex.split(ln.split("#")[0])
+        cfg = parse_args(argv[argv.index("urkle_fast.train") + 1:])
+        assert cfg.batch_size > 0
+    big = parse_args(shlex.split(lines[0])[shlex.split(lines[0]).index("urkle_fast.train") + 1:])
+    assert (big.dataset, big.batch_size, big.micro_batch) == ("imagenet", 4096, 128)

@@ -25,12 +25,7 @@ TINY = dict(dataset="digits", train_subset=128, batch_size=32, epochs=2, pgd_ste
             progress=False, log_every=1, threads=1, base_lr=1.0, trust_coef=0.02)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _cfg(method, **kw):

@@ -99,6 +99,10 @@ class TrainConfig:
     # torch.distributed (torchrun): batch_size is the global batch, split evenly over the ranks
     dist_backend: Optional[str] = None  # None: nccl on CUDA, gloo on the CPU
     sync_bn: Optional[bool] = None  # global batch norm across ranks (SimCLR); default: on for multi-GPU CUDA
+    # input pipeline: torch (DataLoader workers decode, augmentation on the device) or NVIDIA DALI
+    # (decode + augmentation in a DALI pipeline; ImageFolder datasets); auto: DALI for folder / imagenet
+    # on CUDA when it is installed
+    loader: str = "auto"
     micro_batch: Optional[int] = None  # images per chunk of this rank's batch (urkle_fast.microbatch); None: all
     num_workers: int = 2
     threads: Optional[int] = None  # torch intra-op threads on the CPU (1 is fastest for the tiny digits model)
@@ -217,6 +221,33 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     return c
 
 
+def resolve_loader(cfg: TrainConfig, ds, on_cuda: bool) -> str:
+    """"torch" or "dali" for this run (clear errors where DALI cannot read the data set)."""
+    if cfg.loader not in ("auto", "torch", "dali"):
+        raise ValueError(f"--loader must be auto, torch or dali, got {cfg.loader!r}")
+    folder = hasattr(ds, "inner") and hasattr(ds.inner, "root")  # an ImageFolder tree on disk
+    if cfg.loader == "auto":
+        if not (on_cuda and folder and cfg.dataset in ("folder", "imagenet") and not cfg.train_subset):
+            return "torch"
+        from urkle_fast.data.dali import dali_available
+
+        return "dali" if dali_available()[0] else "torch"
+    if cfg.loader == "dali":
+        from urkle_fast.data.dali import PRESETS as DALI_PRESETS, dali_available
+
+        ok, why = dali_available()
+        if not ok:
+            raise ValueError(f"--loader dali: {why}")
+        if not folder:
+            raise ValueError(f"--loader dali reads ImageFolder JPEG trees; dataset {cfg.dataset!r} is not one "
+                             f"(use --loader torch)")
+        if cfg.train_subset:
+            raise ValueError("--loader dali reads the whole tree; --train-subset needs --loader torch")
+        if cfg.augment not in DALI_PRESETS:
+            raise ValueError(f"--loader dali has the augmentation presets {DALI_PRESETS}, not {cfg.augment!r}")
+    return cfg.loader
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -310,6 +341,7 @@ def train(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
 
     ds = load_dataset(cfg.dataset, cfg.data_root, "train", image_size=cfg.image_size)
+    cfg.loader = resolve_loader(cfg, ds, on_cuda)
     if cfg.train_subset:
         if isinstance(ds, InMemoryDataset):
             ds = InMemoryDataset(ds.images[: cfg.train_subset], ds.labels[: cfg.train_subset], ds.classes)
@@ -319,7 +351,28 @@ def train(cfg: TrainConfig) -> dict:
             ds.classes = classes
     if cfg.num_classes is None:
         cfg.num_classes = num_classes_of(ds)
-    spe = steps_per_epoch(ds, cfg.batch_size)
+    dali = None
+    if cfg.loader == "dali":
+        from urkle_fast.data.dali import DaliMultiView
+
+        dali_state = None
+        if resume_state is not None:
+            states = resume_state.get("dali_ranks") or []
+            if len(states) == world:
+                dali_state = states[rank]
+            elif main_rank:
+                print(f"the checkpoint holds {len(states)} DALI loader states for {world} processes: the data "
+                      f"pipeline restarts its shuffle (model, optimiser and schedule continue exactly)",
+                      file=sys.stderr)
+        dali = DaliMultiView(ds.inner.root, cfg.batch_size // world, views=NUM_VIEWS[cfg.method],
+                             size=cfg.image_size, preset=cfg.augment, device=device, shard_id=rank,
+                             num_shards=world, seed=cfg.seed, num_threads=max(1, cfg.num_workers),
+                             checkpoint=dali_state)
+        spe = len(dali)
+        if spe == 0:
+            raise ValueError(f"batch size {cfg.batch_size} is larger than the dataset ({len(ds)} images)")
+    else:
+        spe = steps_per_epoch(ds, cfg.batch_size)
     total_steps = cfg.epochs * spe
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
@@ -372,11 +425,13 @@ def train(cfg: TrainConfig) -> dict:
     def checkpoint(epoch: int, loss: Optional[float]) -> Path:
         # a collective: every rank contributes its random state; rank 0 writes, atomically
         rng_ranks = udist.gather_objects(rng_state())
+        dali_ranks = udist.gather_objects(dali.state()) if dali is not None else None
         if main_rank:
             save_checkpoint({
                 "config": asdict(cfg), "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "rng": rng_ranks[0],
-                "rng_ranks": rng_ranks, "world_size": world, "loss": loss, "torch_version": torch.__version__,
+                "rng_ranks": rng_ranks, "dali_ranks": dali_ranks, "world_size": world, "loss": loss,
+                "torch_version": torch.__version__,
             }, ckpt_path)
         udist.barrier()
         return ckpt_path
@@ -413,11 +468,15 @@ def train(cfg: TrainConfig) -> dict:
     try:
         while step < end_step and not stopping:
             epoch = step // spe
-            for images, labels in epoch_batches(ds, cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                                                start_batch=step % spe, num_workers=cfg.num_workers,
-                                                pin_memory=on_cuda, shard=(rank, world)):
-                gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step + (rank << 40))
-                views = augment(images.to(device, non_blocking=True), gen)
+            batches = dali if dali is not None else epoch_batches(
+                ds, cfg.batch_size, seed=cfg.seed, epoch=epoch, start_batch=step % spe, num_workers=cfg.num_workers,
+                pin_memory=on_cuda, shard=(rank, world))
+            for images, labels in batches:
+                if dali is not None:
+                    views = images  # decoded and augmented by DALI: [V, b, 3, S, S] in [0, 1] on the device
+                else:
+                    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step + (rank << 40))
+                    views = augment(images.to(device, non_blocking=True), gen)
                 if channels_last:
                     views = views.contiguous(memory_format=torch.channels_last) if views.ndim == 4 else \
                         views.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(views.shape)
@@ -542,6 +601,8 @@ HELP = {
     "eot": "z samples averaged per RoCL attack step",
     "batch_size": "the global batch (split evenly over torchrun's processes); lr = base_lr * batch_size / 256",
     "dist_backend": "torch.distributed backend under torchrun; None: nccl on CUDA, gloo on the CPU",
+    "loader": "torch: DataLoader + augmentation on the device; dali: NVIDIA DALI decodes and augments "
+              "(ImageFolder trees); auto: dali for folder / imagenet on CUDA when installed",
     "micro_batch": "split this process's share of the batch into chunks of this many images (exact gradient "
                    "of the whole batch; contrastive methods use a gradient cache); None: one chunk",
     "sync_bn": "global batch norm over all processes (SimCLR); default: on for multi-process CUDA runs",
@@ -554,7 +615,7 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     choices = {"method": sorted(METHODS), "dataset": list(DATASETS), "optimizer": ["lars", "sgd", "adamw"],
                "norm": ["linf", "l2"], "denominator": ["all", "negatives"], "variance": ["softplus", "exp"],
                "arch": ["resnet18", "resnet50", "mnist_conv", "digits_conv"], "stem": ["cifar", "imagenet"],
-               "dist_backend": ["nccl", "gloo"],
+               "dist_backend": ["nccl", "gloo"], "loader": ["auto", "torch", "dali"],
                "augment": ["simclr", "digits", "light", "none"]}
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("in_channels", "num_classes", "pixel_mean", "pixel_std"):

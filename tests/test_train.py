@@ -249,3 +249,22 @@ def test_design_card_command_line_parses():
 
     cfg = parse_args(["--dataset", "imagenet", "--batch", "4096"])
     assert cfg.dataset == "imagenet" and cfg.batch_size == 4096
+
+
+def test_run_writes_training_curves(tmp_path):
+    """Every run ends with <out-dir>/curves.png drawn from its metrics.jsonl; bad metrics files are clear errors."""
+    from urkle_fast.evaluation.plots import plot_training_curves, read_metrics
+
+    res = train(TrainConfig(method="simclr_urkle", out_dir=str(tmp_path / "a"), max_steps=3, **TINY))
+    png = Path(res["checkpoint"]).parent / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    recs = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3] and {"loss", "nt_xent", "urkle_kl", "lr"} <= recs[-1].keys()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_metrics(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="holds no records yet"):
+        plot_training_curves({"x": str(tmp_path / "empty.jsonl")}, str(tmp_path / "x.png"))
+    (tmp_path / "bad.jsonl").write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        read_metrics(tmp_path / "bad.jsonl")

@@ -537,6 +537,10 @@ def train(cfg: TrainConfig) -> dict:
                 if step >= end_step or stopping:
                     break
         path = checkpoint(step // spe, last_loss)
+        if main_rank and metrics_file is not None:
+            metrics_file.flush()
+            _plot_curves({cfg.method: str(metrics_path)}, str(out_dir / "curves.png"),
+                         f"{cfg.method} on {cfg.dataset}, batch {cfg.batch_size}" + (f", {world} processes" if world > 1 else ""))
         interrupted = (stop.signum or signal.SIGTERM) if stopping else None
         if interrupted is not None and main_rank:
             print(f"\nreceived {signal.Signals(interrupted).name}: saved {path} at step {step}; "
@@ -551,6 +555,18 @@ def train(cfg: TrainConfig) -> dict:
             writer.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
+
+
+def _plot_curves(runs: dict, path: str, title: str) -> Optional[str]:
+    """Training curves PNG (urkle_fast.evaluation.plots); skipped with a note when nothing is logged yet
+    or matplotlib is missing - a plot never fails a run."""
+    try:
+        from urkle_fast.evaluation.plots import plot_training_curves
+
+        return plot_training_curves(runs, path, title)
+    except (ImportError, ValueError, FileNotFoundError) as exc:
+        print(f"training curves not plotted: {exc}", file=sys.stderr)
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,6 +588,10 @@ def run_demo(out_dir: str = "runs/digits-demo", seed: int = 0, progress: bool = 
         cfg = TrainConfig(method=method, out_dir=str(Path(out_dir) / method), seed=seed, progress=progress, **DEMO)
         ckpts[method] = train(cfg)["checkpoint"]
     print(f"training took {time.perf_counter() - t0:.1f} s")
+    curves = _plot_curves({m: str(Path(out_dir) / m / "metrics.jsonl") for m in ckpts},
+                          str(Path(out_dir) / "eval" / "training_curves.png"), "digits demo, same budget")
+    if curves:
+        print(f"training curves: {curves}")
     from urkle_fast.eval import evaluate_checkpoints
 
     result = evaluate_checkpoints(ckpts, dataset="digits", eps_list=DEMO_EPS, out_dir=str(Path(out_dir) / "eval"))

@@ -1,8 +1,11 @@
-"""PNG figures: accuracy vs epsilon, and the paper's Figure 2 (2-D projection of sampled z)."""
+"""PNG figures: accuracy vs epsilon, the paper's Figure 2 (2-D projection of sampled z), and training
+curves from metrics.jsonl."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -30,6 +33,60 @@ def plot_accuracy_vs_eps(curves: dict[str, dict[str, Sequence[float]]], eps: Seq
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a run's metrics.jsonl (clear errors for a missing or empty file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file {str(path)!r} does not exist (a run writes <out-dir>/metrics.jsonl)")
+    recs = []
+    for i, ln in enumerate(path.read_text().splitlines(), 1):
+        if ln.strip():
+            try:
+                recs.append(json.loads(ln))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{str(path)!r} line {i} is not JSON: {exc}") from exc
+    if not recs:
+        raise ValueError(f"metrics file {str(path)!r} holds no records yet")
+    return recs
+
+
+def plot_training_curves(runs: dict[str, str], path: str, title: str = "") -> str:
+    """runs: {label: metrics.jsonl path}. One panel per logged quantity (loss, each loss term, lr,
+    images/s) against the step, every run in each panel; writes one PNG."""
+    data = {label: read_metrics(p) for label, p in runs.items()}
+    keys: list[str] = []
+    for recs in data.values():
+        for k in recs[-1]:
+            if k not in ("step", "epoch") and k not in keys:
+                keys.append(k)
+    plt = _plt()
+    cols = min(3, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), dpi=110, squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        for label, recs in data.items():
+            pts = [(r["step"], r[k]) for r in recs if k in r]
+            if pts:
+                ax.plot(*zip(*pts), label=label, lw=1.2)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        vals = [r[k] for recs in data.values() for r in recs if k in r]
+        if vals and min(vals) > 0 and max(vals) > 10 * min(vals):  # log only where it spans a decade
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path)

@@ -219,3 +219,59 @@ def test_clear_errors(tmp_path):
     # the command line turns them into one-line errors with exit status 2
     assert cli(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert cli(["--checkpoint", str(bad), "--dataset", "digits"]) == 2
+
+
+def _tiny_imagefolder(root, data_root, classes=4, train=12, val=6):
+    """A small ImageFolder tree of symlinks to real Tiny ImageNet JPEGs: <root>/{train,val}/<wnid>/."""
+    src = data_root / "tiny-imagenet-100"
+    for wnid in sorted(p.name for p in (src / "train").iterdir())[:classes]:
+        for split, n in (("train", train), ("val", val)):
+            (root / split / wnid).mkdir(parents=True)
+            for f in sorted((src / split / wnid).iterdir())[:n]:
+                os.symlink(f, root / split / wnid / f.name)
+    return root
+
+
+def test_imagefolder_splits_stream_from_disk(tmp_path, data_root):
+    """ImageFolder splits are not materialised: labels from the file list, images decoded on demand
+    (uint8, at the model's size), the train split encoded batch by batch with the same result."""
+    from urkle_fast.data import to_float01
+    from urkle_fast.evaluation.probe import encode_dataset
+
+    root = _tiny_imagefolder(tmp_path / "tin", data_root)
+    train = load_split("folder", "train", str(root), image_size=32)
+    assert train.x is None and train.y.tolist() == sorted(train.y.tolist()) and len(train.y) == 48
+    assert train.num_classes == 4
+    some = train.images(torch.tensor([0, 13, 47]))
+    assert some.dtype == torch.uint8 and some.shape == (3, 3, 32, 32)  # centre crop at 32, no crop room
+    assert sum(len(b) for b in train.batches(20)) == 48
+    torch.manual_seed(0)
+    from urkle_fast.models import build_model
+    from urkle_fast.train import TrainConfig, resolve_config
+
+    cfg = resolve_config(TrainConfig(dataset="folder", arch="resnet18", image_size=32, d_z=16, proj_hidden=32))
+    enc = build_model(vars(cfg)).eval()
+    mu_s, lv_s = encode_dataset(enc, train, batch_size=20)
+    mu_t, lv_t = encode_dataset(enc, to_float01(train.images()), batch_size=20)
+    torch.testing.assert_close(mu_s, mu_t)
+    torch.testing.assert_close(lv_s, lv_t)
+    test = load_split("folder", "test", str(root), image_size=32)
+    assert test.x is None and len(test.y) == 24
+
+
+def test_evaluate_a_checkpoint_on_an_imagefolder_tree(tmp_path, data_root):
+    from urkle_fast.train import TrainConfig, train
+
+    root = _tiny_imagefolder(tmp_path / "tin", data_root)
+    ck = train(TrainConfig(dataset="folder", data_root=str(root), arch="resnet18", image_size=32, d_z=16,
+                           proj_hidden=32, proj_dim=16, batch_size=16, epochs=1, max_steps=2, pgd_steps=1,
+                           progress=False, out_dir=str(tmp_path / "run"), num_workers=0))["checkpoint"]
+    res = evaluate_checkpoints({"urkle": ck}, dataset="folder", eps_list=[2 / 255], out_dir=str(tmp_path / "ev"),
+                               attack_steps=2, apgd_steps=0, n_test=12, samples=2, head_epochs=2, sweep_eps=[0.0],
+                               sweep_n_test=8, fig2_images=0, verbose=False, num_workers=0)
+    r = res["models"]["urkle"]["budgets"]["all"]
+    assert r["n_labels"] == 48 and res["settings"]["n_test"] == 12
+    for path in ("samples", "mu"):
+        acc = r["paths"][path]
+        assert 0.0 <= acc["pgd"][str(2 / 255)] <= 1.0 and 0.0 <= acc["clean"] <= 1.0
+    assert (tmp_path / "ev" / "table.md").is_file()

@@ -32,6 +32,7 @@ from .evaluation.datasets import (DATASETS, DEFAULT_EPS, DEFAULT_HEAD, DEFAULT_S
                                   load_split)
 from .evaluation.probe import ProbabilisticClassifier, accuracy, balanced_subset, encode_dataset, parse_budget, train_head
 from .evaluation.report import markdown_table, write_outputs
+from .data import to_float01
 
 DEFAULT_HEAD_EPOCHS = {"digits": 100, "mnist": 10, "cifar10": 30, "cifar100": 30, "folder": 30, "imagenet": 30}
 
@@ -64,7 +65,7 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
                     sweep_eps: Optional[Sequence[float]] = None, sweep_n_test: Optional[int] = 500,
                     head: Optional[str] = None, head_epochs: Optional[int] = None, head_lr: float = 1e-3,
                     bounded_M: Optional[float] = None, batch_size: int = 256, device: Optional[str] = None,
-                    fig2_images: int = 4, plots: bool = True, verbose: bool = True,
+                    fig2_images: int = 4, plots: bool = True, verbose: bool = True, num_workers: int = 2,
                     splits: Optional[tuple[Any, Any]] = None, checkpoint_paths: Optional[dict[str, str]] = None) -> dict:
     """Evaluate already-loaded models ``{name: (model, config)}``; see ``evaluate_checkpoints``.
 
@@ -77,13 +78,15 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
     head_kind = head or DEFAULT_HEAD[dataset]
     head_epochs = DEFAULT_HEAD_EPOCHS[dataset] if head_epochs is None else head_epochs
     sweep = list(DEFAULT_SWEEP[dataset] if sweep_eps is None else sweep_eps)
-    train, test = splits if splits is not None else (load_split(dataset, "train", data_root),
-                                                    load_split(dataset, "test", data_root))
+    # ImageFolder trees are read at the models' training size (the first model's; ResNets take any size)
+    size = next((c.get("image_size") for _, c in models.values() if c.get("image_size")), None)
+    train, test = splits if splits is not None else (load_split(dataset, "train", data_root, image_size=size),
+                                                    load_split(dataset, "test", data_root, image_size=size))
     if n_test is not None and n_test < len(test.y):
         idx = balanced_subset(test.y, n_test, seed=seed)
-        x_test, y_test = test.x[idx], test.y[idx]
+        x_test, y_test = test.images(idx), test.y[idx]
     else:
-        x_test, y_test = test.x, test.y
+        x_test, y_test = test.images(), test.y  # uint8 for ImageFolder trees: converted per batch
     n_sw = len(y_test) if sweep_n_test is None else min(sweep_n_test, len(y_test))
     x_sw, y_sw = x_test[:n_sw], y_test[:n_sw]
     settings = dict(samples=samples, attack_steps=attack_steps, alpha=alpha,
@@ -135,7 +138,8 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
                 curves["supervised"] = dict(eps=sweep, acc=[robust_accuracy(clf, x_sw, y_sw, attack="pgd", eps=e,
                                                                     desc=f"{name} sweep {e:.3g}", **atk) for e in sweep])
         else:
-            mu_tr, lv_tr = encode_dataset(model, train.x, batch_size=512, device=device, desc=f"{name} encode")
+            mu_tr, lv_tr = encode_dataset(model, train, batch_size=512, device=device, desc=f"{name} encode",
+                                          num_workers=num_workers)
             for b in budgets:
                 try:
                     idx = balanced_subset(train.y, b, seed=seed)
@@ -165,7 +169,7 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
                 k = min(fig2_images, len(x_test))
                 fig_eps = next((e for e in eps_list if e > 0), DEFAULT_EPS[dataset][0])
                 entry["plots"].append(plot_z_projection(
-                    model, x_test[:k].to(device), y_test[:k], os.path.join(out_dir, f"zspace_{_slug(name)}.png"),
+                    model, to_float01(x_test[:k].to(device)), y_test[:k], os.path.join(out_dir, f"zspace_{_slug(name)}.png"),
                     eps=fig_eps, steps=attack_steps, seed=seed,
                     title=f"{name}: 20 z samples per image (o) and per Urkle adversary (x), eps = {fig_eps:g}"))
         model.train(was_training)
@@ -200,7 +204,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], *, dataset: str, data_root
     (class-balanced, seeded). samples: S of paper Eq. 1. attack_steps: PGD steps (step eps/10).
     Further keywords (see ``evaluate_models``): alpha, eot_iter, apgd_steps (0 = off), n_test,
     sweep_eps, sweep_n_test, head ("linear"/"mlp3"), head_epochs, head_lr, bounded_M, batch_size,
-    device, fig2_images, plots, verbose.
+    device, fig2_images, plots, verbose, num_workers.
 
     Returns the dict written to results.json: {"dataset", "eps_list", "settings", "label_budgets",
     "models": {name: {"kind", "budgets": {budget: {"paths": {"samples"|"mu": {"clean", "pgd": {eps: acc},
@@ -242,6 +246,7 @@ class EvalConfig:
     batch_size: int = 256
     seed: int = 0
     device: Optional[str] = None
+    num_workers: int = 2
     no_plots: bool = False
 
 
@@ -270,6 +275,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> EvalConfig:
     p.add_argument("--batch-size", type=int, default=256, help="attack batch (default 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--num-workers", type=int, default=2,
+                   help="DataLoader workers decoding ImageFolder train splits for the features (default 2)")
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)
     return EvalConfig(**{k: v for k, v in vars(a).items()})
@@ -298,7 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         alpha=cfg.alpha, eot_iter=cfg.eot_iter, apgd_steps=cfg.apgd_steps, n_test=cfg.n_test, sweep_eps=cfg.sweep_eps,
         sweep_n_test=cfg.sweep_n_test, head=cfg.head, head_epochs=cfg.head_epochs, head_lr=cfg.head_lr,
         bounded_M=cfg.bounded_M, batch_size=cfg.batch_size, device=cfg.device, plots=not cfg.no_plots,
-        checkpoint_paths=paths)
+        num_workers=cfg.num_workers, checkpoint_paths=paths)
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:

@@ -169,13 +169,15 @@ def _split_dir(root: Path, split: str) -> Path:
 
 
 def load_dataset(name: str, root: Optional[str | os.PathLike] = None, split: str = "train", *,
-                 image_size: Optional[int] = None) -> Dataset:
+                 image_size: Optional[int] = None, crop_room: bool = True) -> Dataset:
     """The train or test split of a dataset (see the module docstring for formats).
 
     digits: scikit-learn's 8x8 digits, deterministic 80/20 split (1437 train / 360 test), no root.
     mnist: torchvision layout <root>/MNIST/raw. cifar10 / cifar100: torchvision pickles
     (<root>/cifar-10-batches-py, <root>/cifar-100-python) or an ImageFolder tree <root>/train, test.
-    folder / imagenet: ImageFolder <root>/train and <root>/val (or test); images decoded at image_size.
+    folder / imagenet: ImageFolder <root>/train and <root>/val (or test); images decoded at image_size
+    (the train split at 8/7 of it when image_size > 64, room for the random crop, unless crop_room=False:
+    evaluation encodes the train split at the model's size, as the test split).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
@@ -203,7 +205,7 @@ def load_dataset(name: str, root: Optional[str | os.PathLike] = None, split: str
             f"or an ImageFolder tree <root>/train/<class>/*.jpg and <root>/test/<class>/*.jpg"
         )
     size = image_size or INFO[name].image_size
-    load_size = size if size <= 64 else int(round(size * 8 / 7))  # 224 -> 256: room for the random crop
+    load_size = size if size <= 64 or not crop_room else int(round(size * 8 / 7))  # 224 -> 256: crop room
     return FolderDataset(_split_dir(root, split), load_size if split == "train" else size)
 
 

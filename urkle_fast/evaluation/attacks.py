@@ -144,13 +144,15 @@ def robust_accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack:
     attack: "pgd" or "apgd". x [N, ...] on any device (moved per batch), y [N]. Returns the accuracy
     (float), or (accuracy, per-sample correctness [N] bool) with return_correct=True.
     """
+    from urkle_fast.data import to_float01  # x may be uint8 (ImageFolder test sets are kept so)
+
     if attack not in ("pgd", "apgd"):
         raise ValueError(f"unknown attack {attack!r}")
     device = device or next(clf.parameters()).device
     clf.eval()
     correct = []
     for bi, i in enumerate(tqdm(range(0, len(x), batch_size), desc=desc or f"{attack} eps={eps:.4g}", leave=False)):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        xb, yb = to_float01(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device)
         if eps <= 0:
             xa = xb
         elif attack == "pgd":

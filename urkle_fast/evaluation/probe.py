@@ -68,14 +68,23 @@ def balanced_subset(labels: torch.Tensor, budget: Budget, *, seed: int = 0) -> t
 
 
 @torch.no_grad()
-def encode_dataset(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512, device=None,
-                   desc: str = "encode") -> tuple[torch.Tensor, torch.Tensor]:
-    """(mu, logvar) of the frozen encoder for every row of x, in eval mode. [N, d_z] each, on CPU."""
+def encode_dataset(model: nn.Module, x, *, batch_size: int = 512, device=None, desc: str = "encode",
+                   num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, logvar) of the frozen encoder for every image, in eval mode: [N, d_z] each, float32 on CPU.
+
+    x: a tensor [N, C, H, W] (float in [0, 1] or uint8), or an evaluation ``Split`` whose images may
+    stay on disk (streamed in DataLoader batches: only the features are kept in memory)."""
+    from urkle_fast.data import to_float01
+
     model.eval()
     device = device or next(model.parameters()).device
+    if isinstance(x, torch.Tensor):
+        n, batches = len(x), (x[i:i + batch_size] for i in range(0, len(x), batch_size))
+    else:
+        n, batches = len(x.y), x.batches(batch_size, num_workers)
     mus, lvs = [], []
-    for i in tqdm(range(0, len(x), batch_size), desc=desc, leave=False):
-        mu, lv = model.encode(x[i:i + batch_size].to(device))
+    for xb in tqdm(batches, total=-(-n // batch_size), desc=desc, leave=False):
+        mu, lv = model.encode(to_float01(xb.to(device, non_blocking=True)))
         mus.append(mu.float().cpu())
         lvs.append(lv.float().cpu())
     return torch.cat(mus), torch.cat(lvs)
@@ -185,11 +194,13 @@ class ProbabilisticClassifier(nn.Module):
 
 @torch.no_grad()
 def predict(clf: nn.Module, x: torch.Tensor, *, batch_size: int = 512, device=None) -> torch.Tensor:
-    """Predicted labels [N] (CPU) for x [N, ...]."""
+    """Predicted labels [N] (CPU) for x [N, ...] (float in [0, 1] or uint8)."""
+    from urkle_fast.data import to_float01
+
     device = device or next(clf.parameters()).device
     out = []
     for i in range(0, len(x), batch_size):
-        out.append(clf(x[i:i + batch_size].to(device)).argmax(-1).cpu())
+        out.append(clf(to_float01(x[i:i + batch_size].to(device))).argmax(-1).cpu())
     return torch.cat(out)
 
 

@@ -249,6 +249,27 @@ def test_design_card_command_line_parses():
 
     cfg = parse_args(["--dataset", "imagenet", "--batch", "4096"])
     assert cfg.dataset == "imagenet" and cfg.batch_size == 4096
+    # SPEC sec 6 defaults for the paper's datasets
+    c = resolve_config(parse_args(["--dataset", "imagenet"]))
+    assert (c.arch, c.stem, c.image_size, c.batch_size, c.epochs) == ("resnet50", "imagenet", 224, 4096, 200)
+    assert c.eps == pytest.approx(2 / 255) and c.base_lr * c.batch_size / 256 == pytest.approx(4.8)
+    c = resolve_config(parse_args(["--dataset", "cifar10"]))
+    assert (c.arch, c.stem, c.batch_size, c.epochs) == ("resnet18", "cifar", 1024, 2000)
+    assert c.base_lr * c.batch_size / 256 == pytest.approx(1.2) and c.eps == pytest.approx(8 / 255)
+    with pytest.raises(ValueError, match="must be positive"):
+        resolve_config(parse_args(["--dataset", "digits", "--epochs", "0"]))
+
+
+def test_out_of_memory_in_a_step_says_how_to_fit(tmp_path, monkeypatch, capsys):
+    def oom(model, views, y, cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setitem(methods_mod.METHODS, "simclr_urkle", oom)
+    rc = main(["--dataset", "digits", "--batch", "32", "--max-steps", "1", "--no-progress",
+               "--out-dir", str(tmp_path / "oom")])
+    err = capsys.readouterr().err
+    assert rc == 4
+    assert "out of memory in the step at 32 images x 4 views per process" in err and "--micro-batch M" in err
 
 
 def test_run_writes_training_curves(tmp_path):

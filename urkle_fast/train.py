@@ -46,6 +46,9 @@ from urkle_fast.models import DEFAULT_ARCH, METHOD_FAMILY, build_model
 # train eps (l_inf, [0, 1] pixels): SPEC sec 6; digits chosen here (see the README / report)
 DEFAULT_EPS = {"digits": 0.15, "mnist": 0.1, "cifar10": 8 / 255, "cifar100": 8 / 255, "folder": 2 / 255,
                "imagenet": 2 / 255}
+# SPEC sec 6 (the paper's CIFAR / ImageNet settings); digits, MNIST and plain folders: our choice
+DEFAULT_EPOCHS = {"digits": 100, "mnist": 100, "cifar10": 2000, "cifar100": 2000, "folder": 100, "imagenet": 200}
+DEFAULT_BATCH = {"digits": 256, "mnist": 256, "cifar10": 1024, "cifar100": 1024, "folder": 256, "imagenet": 4096}
 DEFAULT_DZ = {"resnet18": 512, "resnet50": 2048, "mnist_conv": 128, "digits_conv": 64}
 # fields that may change when resuming (they do not change what is computed)
 RUNTIME_FIELDS = ("out_dir", "resume", "progress", "num_workers", "ckpt_every", "log_every", "tensorboard",
@@ -67,9 +70,9 @@ class TrainConfig:
     proj_hidden: Optional[int] = None
     proj_dim: Optional[int] = None
     # optimisation
-    epochs: int = 100
+    epochs: Optional[int] = None  # None: SPEC sec 6 (2000 CIFAR, 200 ImageNet), 100 elsewhere
     max_steps: Optional[int] = None  # stop after this many steps (the schedule still spans `epochs`)
-    batch_size: int = 256
+    batch_size: Optional[int] = None  # the global batch; None: SPEC sec 6 (1024 CIFAR, 4096 ImageNet), 256 elsewhere
     base_lr: float = 0.3  # lr = base_lr * batch_size / 256 (SimCLR's rule)
     optimizer: str = "lars"
     momentum: float = 0.9
@@ -117,6 +120,10 @@ class TrainConfig:
     num_classes: Optional[int] = None
     pixel_mean: Optional[list] = None
     pixel_std: Optional[list] = None
+
+
+class StepOutOfMemoryError(RuntimeError):
+    """A training step ran out of device memory; the message says how to make the step fit."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -205,6 +212,10 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     info = INFO[cfg.dataset]
     c = dataclasses.replace(cfg)
     c.arch = c.arch or DEFAULT_ARCH[c.dataset]
+    c.epochs = DEFAULT_EPOCHS[c.dataset] if c.epochs is None else c.epochs
+    c.batch_size = DEFAULT_BATCH[c.dataset] if c.batch_size is None else c.batch_size
+    if c.batch_size < 1 or c.epochs < 1:
+        raise ValueError(f"--batch-size and --epochs must be positive, got {c.batch_size} and {c.epochs}")
     c.stem = c.stem or ("cifar" if (c.image_size or info.image_size) <= 64 else "imagenet")
     c.d_z = c.d_z or DEFAULT_DZ.get(c.arch, 128)
     c.proj_hidden = c.proj_hidden or (2048 if c.arch.startswith("resnet") else 256)
@@ -485,12 +496,20 @@ def train(cfg: TrainConfig) -> dict:
                 # NT-Xent no gradient, so a full-strength KL at step 0 can win before features form
                 ramp = min(1.0, step / (cfg.beta_warmup_epochs * spe)) if cfg.beta_warmup_epochs > 0 else 1.0
                 step_cfg = dataclasses.replace(cfg, beta_robust=cfg.beta_robust * ramp) if ramp < 1.0 else cfg
-                if micro:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss, metrics = micro_batched_step(model, cfg.method, views, labels, step_cfg, micro, amp=amp)
-                else:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                        loss, metrics = step_fn(views, labels, step_cfg)
+                try:
+                    if micro:
+                        optimizer.zero_grad(set_to_none=True)
+                        loss, metrics = micro_batched_step(model, cfg.method, views, labels, step_cfg, micro, amp=amp)
+                    else:
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                            loss, metrics = step_fn(views, labels, step_cfg)
+                except torch.OutOfMemoryError as exc:
+                    n_views = views.shape[0] * (2 if cfg.method == "simclr_urkle" else 1)
+                    raise StepOutOfMemoryError(
+                        f"out of memory in the step at {local_batch if not micro else micro} images x {n_views} "
+                        f"views per process ({cfg.arch}, {cfg.image_size} px): pass --micro-batch M with M < "
+                        f"{micro or local_batch} (the gradient stays that of the whole batch), or start more "
+                        f"processes (torchrun --nproc-per-node). {str(exc).splitlines()[0]}") from exc
                 # one small all-reduce per step: the mean loss over ranks and whether any rank was signalled
                 shared = udist.all_reduce_mean(torch.stack([loss.detach().float(),
                                                             loss.new_tensor(float(stop.signum is not None))]))
@@ -619,7 +638,9 @@ HELP = {
     "threads": "torch CPU threads (None: torch's default)",
     "ckpt_every": "steps between checkpoints; 0: only at the end and on SIGTERM / SIGINT",
     "eot": "z samples averaged per RoCL attack step",
-    "batch_size": "the global batch (split evenly over torchrun's processes); lr = base_lr * batch_size / 256",
+    "batch_size": "the global batch (split evenly over torchrun's processes); lr = base_lr * batch_size / 256; "
+                  "None: 1024 cifar, 4096 imagenet, 256 otherwise",
+    "epochs": "None: 2000 cifar, 200 imagenet, 100 otherwise (SPEC sec 6)",
     "dist_backend": "torch.distributed backend under torchrun; None: nccl on CUDA, gloo on the CPU",
     "loader": "torch: DataLoader + augmentation on the device; dali: NVIDIA DALI decodes and augments "
               "(ImageFolder trees); auto: dali for folder / imagenet on CUDA when installed",
@@ -668,9 +689,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                      progress=cfg.progress)
             return 0
         result = train(parse_args(argv))
-    except (DataRootError, CheckpointError, NonFiniteLossError, ValueError) as exc:
+    except (DataRootError, CheckpointError, NonFiniteLossError, StepOutOfMemoryError, ValueError) as exc:
         print(f"error: {exc}" if udist.rank() == 0 else f"error (rank {udist.rank()}): {exc}", file=sys.stderr)
-        return 2 if not isinstance(exc, NonFiniteLossError) else 3
+        return {NonFiniteLossError: 3, StepOutOfMemoryError: 4}.get(type(exc), 2)
     finally:
         udist.shutdown()
     if result["interrupted"] is not None:

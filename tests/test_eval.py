@@ -275,3 +275,67 @@ def test_evaluate_a_checkpoint_on_an_imagefolder_tree(tmp_path, data_root):
         acc = r["paths"][path]
         assert 0.0 <= acc["pgd"][str(2 / 255)] <= 1.0 and 0.0 <= acc["clean"] <= 1.0
     assert (tmp_path / "ev" / "table.md").is_file()
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation over torch.distributed ranks
+
+EVAL_KW = dict(dataset="digits", eps_list=[0.2], label_budgets=("all", 100), attack_steps=1, apgd_steps=2,
+               n_test=100, samples=3, sweep_eps=[0.0, 0.1], sweep_n_test=64, head_epochs=3, batch_size=16,
+               fig2_images=0, verbose=False, device="cpu", num_workers=0)
+
+
+def _eval_worker(rank, world, ckpts, out_dir):
+    torch.set_num_threads(1)
+    res = evaluate_checkpoints(ckpts, out_dir=os.path.join(out_dir, "ev"), **EVAL_KW)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({n: m["budgets"] for n, m in res["models"].items()} | {"sweep": {n: m["sweep"] for n, m in
+                                                                              res["models"].items()}}, f)
+
+
+@pytest.mark.slow
+def test_two_ranks_evaluate_as_one_process(tmp_path):
+    """2 gloo ranks split every image set in whole batches (7 of 16 test images per rank), gather the
+    per-image flags and share rank 0's heads: the deterministic paths (supervised, z = mu) give exactly
+    the single-process numbers, both ranks return the same results, and only rank 0 writes files."""
+    from test_distributed import _spawn
+
+    from urkle_fast.train import TrainConfig, train
+
+    from urkle_fast.train import DEMO
+
+    # models good enough that the attacks' random starts decide some predictions (so the test can fail)
+    std = train(TrainConfig(method="standard", dataset="digits", out_dir=str(tmp_path / "std"), epochs=3,
+                            batch_size=64, optimizer="adamw", base_lr=0.01, warmup_epochs=0,
+                            progress=False))["checkpoint"]
+    vae = train(TrainConfig(method="simclr_urkle", out_dir=str(tmp_path / "urkle"), progress=False,
+                            **{**DEMO, "epochs": 6, "warmup_epochs": 1, "beta_warmup_epochs": 1}))["checkpoint"]
+    ckpts = {"Standard": std, "SimCLR+Urkle": vae}
+    single = evaluate_checkpoints(ckpts, out_dir=str(tmp_path / "single"), **EVAL_KW)
+    _spawn(_eval_worker, 2, ckpts, str(tmp_path))
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0 == r1
+    one = {n: m["budgets"] for n, m in single["models"].items()}
+    assert r0["Standard"] == json.loads(json.dumps(one["Standard"]))
+    for b in ("all", "100"):
+        mu = r0["SimCLR+Urkle"][b]["paths"]["mu"]
+        assert mu == json.loads(json.dumps(one["SimCLR+Urkle"][b]["paths"]["mu"]))
+        assert mu["clean"] > 0.3 or b != "all"  # an informative representation
+        s = r0["SimCLR+Urkle"][b]["paths"]["samples"]  # z samples from per-rank streams: same keys, valid values
+        assert s.keys() == one["SimCLR+Urkle"][b]["paths"]["samples"].keys() and 0.0 <= s["clean"] <= 1.0
+    assert r0["sweep"]["Standard"] == json.loads(json.dumps(single["models"]["Standard"]["sweep"]))
+    assert (tmp_path / "ev" / "table.md").is_file() and (tmp_path / "ev" / "results.json").is_file()
+
+
+def test_batch_shards_cover_every_row_once():
+    from urkle_fast.evaluation.sharding import batch_shard
+
+    for n, bs, W in [(100, 16, 2), (100, 16, 3), (7, 16, 4), (0, 8, 2), (64, 16, 4)]:
+        parts = [batch_shard(n, bs, r, W) for r in range(W)]
+        rows = [i for sl, _ in parts for i in range(n)[sl]]
+        assert rows == list(range(n))
+        for sl, b0 in parts:
+            assert sl.start == min(n, b0 * bs) and (sl.start % bs == 0 or sl.start == n)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        batch_shard(10, 0, 0, 1)

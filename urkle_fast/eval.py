@@ -30,8 +30,10 @@ from .checkpoint import CheckpointError, load_model
 from .evaluation.attacks import robust_accuracy
 from .evaluation.datasets import (DATASETS, DEFAULT_EPS, DEFAULT_HEAD, DEFAULT_SWEEP, check_dataset,
                                   load_split)
-from .evaluation.probe import ProbabilisticClassifier, accuracy, balanced_subset, encode_dataset, parse_budget, train_head
+from .evaluation.probe import ProbabilisticClassifier, balanced_subset, encode_dataset, parse_budget, predict, train_head
+from .evaluation import sharding
 from .evaluation.report import markdown_table, write_outputs
+from . import distributed as udist
 from .data import to_float01
 
 DEFAULT_HEAD_EPOCHS = {"digits": 100, "mnist": 10, "cifar10": 30, "cifar100": 30, "folder": 30, "imagenet": 30}
@@ -74,7 +76,16 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
     check_dataset(dataset)
     eps_list = [float(e) for e in eps_list]
     budgets = [parse_budget(b) for b in label_budgets]
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if udist.is_distributed() or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        # torchrun: every rank evaluates its share of each batch set (urkle_fast.evaluation.sharding)
+        device = udist.init_distributed(device or "auto").device
+    else:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world = sharding.world()
+    main_rank = rank == 0
+    plots_requested = plots  # every rank computes the sweep (a collective); rank 0 draws
+    verbose, plots = verbose and main_rank, plots and main_rank
+    out_dir_all, out_dir = out_dir, (out_dir if main_rank else None)
     head_kind = head or DEFAULT_HEAD[dataset]
     head_epochs = DEFAULT_HEAD_EPOCHS[dataset] if head_epochs is None else head_epochs
     sweep = list(DEFAULT_SWEEP[dataset] if sweep_eps is None else sweep_eps)
@@ -97,23 +108,42 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
                                    label_budgets=[str(b) for b in budgets], settings=settings, models={})
     atk = dict(steps=attack_steps, alpha=alpha, eot_iter=eot_iter, batch_size=batch_size, seed=seed, device=device)
 
+    def correct(clf: ProbabilisticClassifier, x, y, attack: Optional[str] = None, eps: float = 0.0,
+                desc: str = "", **kw) -> torch.Tensor:
+        """Per-image correctness [n] bool of the clean (attack None) or attacked prediction; under
+        torchrun each rank takes whole batches and the flags are gathered to every rank."""
+        sl, b0 = sharding.batch_shard(len(y), batch_size, rank, world)
+        xs, ys = x[sl], y[sl]
+        if attack is None:
+            ok = predict(clf, xs, batch_size=batch_size, device=device) == ys.cpu()
+        else:
+            _, ok = robust_accuracy(clf, xs, ys, attack=attack, eps=eps, return_correct=True, desc=desc,
+                                    first_batch=b0, **{**atk, **kw})
+        return sharding.gather_rows(ok.to(torch.uint8), len(y), batch_size).bool()
+
+    def acc_of(ok: torch.Tensor) -> float:
+        return ok.float().mean().item() if len(ok) else 0.0
+
     def attack_all(clf: ProbabilisticClassifier, tag: str) -> dict:
         """clean, PGD and APGD accuracy per eps, and "both": correct under PGD and under APGD (per sample,
         as AutoAttack counts an ensemble)."""
-        r: dict[str, Any] = {"clean": accuracy(clf, x_test, y_test, batch_size=batch_size, device=device), "pgd": {}}
+        r: dict[str, Any] = {"clean": acc_of(correct(clf, x_test, y_test)), "pgd": {}}
         ok_pgd = {}
         for e in eps_list:
             clf.reseed(seed + 1)
-            r["pgd"][str(e)], ok_pgd[e] = robust_accuracy(clf, x_test, y_test, attack="pgd", eps=e, return_correct=True,
-                                                          desc=f"{tag} PGD {e:.4g}", **atk)
+            ok_pgd[e] = correct(clf, x_test, y_test, "pgd", e, desc=f"{tag} PGD {e:.4g}")
+            r["pgd"][str(e)] = acc_of(ok_pgd[e])
         if apgd_steps:
             r["apgd"], r["both"] = {}, {}
             for e in eps_list:
                 clf.reseed(seed + 2)
-                r["apgd"][str(e)], ok = robust_accuracy(clf, x_test, y_test, attack="apgd", eps=e, return_correct=True,
-                                                        desc=f"{tag} APGD {e:.4g}", **{**atk, "steps": apgd_steps})
-                r["both"][str(e)] = (ok & ok_pgd[e]).float().mean().item() if len(ok) else 0.0
+                ok = correct(clf, x_test, y_test, "apgd", e, desc=f"{tag} APGD {e:.4g}", steps=apgd_steps)
+                r["apgd"][str(e)] = acc_of(ok)
+                r["both"][str(e)] = acc_of(ok & ok_pgd[e])
         return r
+
+    def sweep_curve(clf: ProbabilisticClassifier, name: str) -> list[float]:
+        return [acc_of(correct(clf, x_sw, y_sw, "pgd", e, desc=f"{name} sweep {e:.3g}")) for e in sweep]
 
     for name, (model, config) in models.items():
         t0 = time.time()
@@ -134,12 +164,15 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
             for b in budgets:  # no head: the same numbers under every budget (trained with all labels)
                 entry["budgets"][str(b)] = dict(n_labels=len(train.y), paths={"samples": r, "mu": r},
                                                 note="supervised: no head, trained with all labels")
-            if plots and out_dir:
-                curves["supervised"] = dict(eps=sweep, acc=[robust_accuracy(clf, x_sw, y_sw, attack="pgd", eps=e,
-                                                                    desc=f"{name} sweep {e:.3g}", **atk) for e in sweep])
+            if out_dir_all and plots_requested:
+                curves["supervised"] = dict(eps=sweep, acc=sweep_curve(clf, name))
         else:
-            mu_tr, lv_tr = encode_dataset(model, train, batch_size=512, device=device, desc=f"{name} encode",
-                                          num_workers=num_workers)
+            # each rank encodes its share; rank 0 gathers the features, trains the heads, broadcasts them
+            sl, _ = sharding.batch_shard(len(train.y), 512, rank, world)
+            mu_tr, lv_tr = encode_dataset(model, train.subset(sl), batch_size=512, device=device,
+                                          desc=f"{name} encode", num_workers=num_workers)
+            mu_tr = sharding.gather_rows(mu_tr, len(train.y), 512, to_all=False)
+            lv_tr = sharding.gather_rows(lv_tr, len(train.y), 512, to_all=False)
             for b in budgets:
                 try:
                     idx = balanced_subset(train.y, b, seed=seed)
@@ -148,16 +181,16 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
                     entry["budgets"][str(b)] = dict(skipped=str(exc))
                     continue
                 h = train_head(mu_tr[idx], lv_tr[idx], train.y[idx], num_classes=train.num_classes, head_kind=head_kind,
-                               epochs=head_epochs, lr=head_lr, seed=seed, desc=f"{name} head {b}").to(device)
+                               epochs=head_epochs, lr=head_lr, seed=seed, desc=f"{name} head {b}") if main_rank else None
+                h = sharding.broadcast_module(h).to(device)
                 paths = {}
                 for path in ("samples", "mu"):
                     clf = ProbabilisticClassifier(model, h, path=path, samples=samples, bounded_M=bounded_M,
                                                   seed=seed).to(device)
                     paths[path] = attack_all(clf, f"{name} {b} {path}")
-                    if plots and out_dir and b == budgets[0]:
+                    if out_dir_all and plots_requested and b == budgets[0]:
                         curves[f"{'S=%d' % samples if path == 'samples' else 'z = mu'}, labels {b}"] = dict(
-                            eps=sweep, acc=[robust_accuracy(clf, x_sw, y_sw, attack="pgd", eps=e,
-                                                            desc=f"{name} sweep {e:.3g}", **atk) for e in sweep])
+                            eps=sweep, acc=sweep_curve(clf, name))
                 entry["budgets"][str(b)] = dict(n_labels=len(idx), paths=paths)
         entry["sweep"] = curves
         if plots and out_dir:
@@ -284,6 +317,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> EvalConfig:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = parse_args(argv)
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        os.environ["TQDM_DISABLE"] = "1"  # under torchrun, progress bars from rank 0 only
     if cfg.name and len(cfg.name) != len(cfg.checkpoint):
         raise SystemExit(f"--name given {len(cfg.name)} times for {len(cfg.checkpoint)} --checkpoint")
     loaded, paths = {}, {}
@@ -316,6 +351,8 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        udist.shutdown()
     return 0
 
 

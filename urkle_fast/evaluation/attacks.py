@@ -138,11 +138,13 @@ def apgd_ce(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, ste
 
 def robust_accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: str, eps: float,
                     steps: int, alpha: Optional[float] = None, eot_iter: int = 1, batch_size: int = 256,
-                    seed: int = 0, device=None, desc: str = "", return_correct: bool = False):
+                    seed: int = 0, device=None, desc: str = "", return_correct: bool = False, first_batch: int = 0):
     """Accuracy on attacked x: the adversaries are re-evaluated with fresh z samples.
 
     attack: "pgd" or "apgd". x [N, ...] on any device (moved per batch), y [N]. Returns the accuracy
-    (float), or (accuracy, per-sample correctness [N] bool) with return_correct=True.
+    (float), or (accuracy, per-sample correctness [N] bool) with return_correct=True. Batch b's random
+    start is seeded with seed + first_batch + b: a rank evaluating batches [k, ...) of a larger set
+    passes first_batch=k and attacks exactly as one process would.
     """
     from urkle_fast.data import to_float01  # x may be uint8 (ImageFolder test sets are kept so)
 
@@ -156,9 +158,9 @@ def robust_accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack:
         if eps <= 0:
             xa = xb
         elif attack == "pgd":
-            xa = pgd_linf(clf, xb, yb, eps=eps, steps=steps, alpha=alpha, eot_iter=eot_iter, seed=seed + bi)
+            xa = pgd_linf(clf, xb, yb, eps=eps, steps=steps, alpha=alpha, eot_iter=eot_iter, seed=seed + first_batch + bi)
         else:
-            xa = apgd_ce(clf, xb, yb, eps=eps, steps=steps, eot_iter=eot_iter, seed=seed + bi)
+            xa = apgd_ce(clf, xb, yb, eps=eps, steps=steps, eot_iter=eot_iter, seed=seed + first_batch + bi)
         with torch.no_grad():
             correct.append((clf(xa).argmax(-1) == yb).cpu())
     ok = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)

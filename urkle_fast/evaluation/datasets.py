@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 DATASETS = ("digits", "mnist", "cifar10", "cifar100", "folder", "imagenet")
 
@@ -56,6 +56,13 @@ class Split:
             return self.x if idx is None else self.x[idx]
         rows = range(len(self.y)) if idx is None else idx.tolist()
         return torch.stack([self.dataset[i][0] for i in rows]) if len(rows) else torch.empty(0, dtype=torch.uint8)
+
+    def subset(self, rows: slice) -> "Split":
+        """Rows ``rows`` (a contiguous slice) as a Split of the same kind."""
+        if self.x is not None:
+            return Split(self.x[rows], self.y[rows], self.num_classes)
+        r = range(len(self.y))[rows]
+        return Split(None, self.y[rows], self.num_classes, dataset=Subset(self.dataset, r))
 
     def batches(self, batch_size: int, num_workers: int = 0) -> Iterator[torch.Tensor]:
         """Every image in order, ``batch_size`` at a time (uint8 or float; see urkle_fast.data.to_float01)."""

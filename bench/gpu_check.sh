@@ -9,6 +9,9 @@
 #   tests      pytest -m gpu tests/                         -> $OUT/tests.log, $OUT/tests.xml, $OUT/tests.md
 #   bandwidth  big tensor copy, GB/s                        -> $OUT/bandwidth.md
 #   bench      pytest bench/ --benchmark-only               -> $OUT/bench.json, $OUT/bench.log, $OUT/bench.md
+#   train      the trainer on CUDA (compile, bf16, channels_last), whole batch and --micro-batch
+#                                                           -> $OUT/train.md (run folders under /tmp;
+#                                                              GPU_CHECK_DEVICE=cpu dry-runs it on a CPU)
 # Every stage appends a line to $OUT/summary.md; the exit status is non-zero when any stage failed.
 # At the end every markdown table is concatenated into $OUT/report.md and the logs are packed into
 # $OUT/logs.tar.gz, so that what comes back stays within the device tool's 8 files.
@@ -29,7 +32,7 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$ROOT/.torchinductor}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # nothing is pip-installed there: import from the tree
 
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(env build tests bandwidth bench)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(env build tests bandwidth bench train)
 status=0
 [ -f "$OUT/summary.md" ] || printf '| stage | exit status | seconds |\n|---|---:|---:|\n' > "$OUT/summary.md"
 
@@ -107,14 +110,39 @@ stage_bench() {
   return $rc
 }
 
+stage_train() {
+  local runs=${TMPDIR:-/tmp}/urkle_gpu_train rc=0
+  rm -rf "$runs"
+  for variant in "whole:" "micro:--micro-batch 64"; do
+    local name=${variant%%:*} extra=${variant#*:}
+    # shellcheck disable=SC2086
+    "$PY" -m urkle_fast.train --dataset digits --device "${GPU_CHECK_DEVICE:-cuda}" --batch 256 --epochs 4 --max-steps 20 --log-every 5 \
+      --num-workers 0 --no-progress --out-dir "$runs/$name" $extra || rc=$?
+  done
+  "$PY" - "$runs" > "$OUT/train.md" <<'PYEOF'
+import json, pathlib, sys
+print("## Trainer on CUDA (digits, batch 256, 20 steps, compile + bf16 + channels_last)\n")
+print("| run | steps | last loss | img/s (last log window) |\n|---|---:|---:|---:|")
+for d in sorted(pathlib.Path(sys.argv[1]).iterdir()):
+    recs = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()] \
+        if (d / "metrics.jsonl").exists() else []
+    if recs:
+        print(f"| {d.name} | {recs[-1]['step']} | {recs[-1]['loss']:.4f} | {recs[-1]['img_per_s']:.0f} |")
+    else:
+        print(f"| {d.name} | - | - | - |")
+PYEOF
+  return $rc
+}
+
 for s in "${STAGES[@]}"; do
   case $s in
-    env | build | tests | bandwidth | bench) run_stage "$s" "stage_$s" ;;
-    *) echo "unknown stage $s (env build tests bandwidth bench)" >&2; status=2 ;;
+    env | build | tests | bandwidth | bench | train) run_stage "$s" "stage_$s" ;;
+    *) echo "unknown stage $s (env build tests bandwidth bench train)" >&2; status=2 ;;
   esac
 done
-cat "$OUT/summary.md" "$OUT"/env.md "$OUT"/tests.md "$OUT"/bandwidth.md "$OUT"/bench.md > "$OUT/report.md" 2>/dev/null
-(cd "$OUT" && tar czf logs.tar.gz ./*.log && rm -f ./*.log env.md tests.md bandwidth.md bench.md)
+cat "$OUT/summary.md" "$OUT"/env.md "$OUT"/tests.md "$OUT"/bandwidth.md "$OUT"/bench.md "$OUT"/train.md \
+  > "$OUT/report.md" 2>/dev/null
+(cd "$OUT" && tar czf logs.tar.gz ./*.log && rm -f ./*.log env.md tests.md bandwidth.md bench.md train.md)
 echo "report: $OUT/report.md"
 cat "$OUT/report.md"
 exit $status

@@ -295,3 +295,24 @@ def test_micro_batches_on_two_ranks_give_the_global_gradient(tmp_path, method, m
         grads = torch.load(tmp_path / f"grad{r}.pt")
         for n, p in model.named_parameters():
             torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"rank {r} {n}: {m}")
+
+
+def _check_bad_input(rank, world, out_dir):
+    errors = []
+    for kwargs, z in [(dict(views=3), torch.randn(4, 5, 8)), (dict(views=4, temperature=0.0), torch.randn(4, 5, 8)),
+                      (dict(views=4), torch.full((4, 5, 8), float("nan")))]:
+        try:
+            nt_xent_global(z, **kwargs)
+        except (ValueError, TypeError) as exc:
+            errors.append(str(exc))
+    Path(out_dir, f"errors{rank}.json").write_text(json.dumps(errors))
+
+
+def test_global_nt_xent_bad_input_is_a_clear_error_on_every_rank(tmp_path):
+    _spawn(_check_bad_input, 2, str(tmp_path))
+    for r in range(2):
+        errs = json.loads((tmp_path / f"errors{r}.json").read_text())
+        assert len(errs) == 3
+        assert "must have V == views == 3" in errs[0]
+        assert "temperature" in errs[1] and "nt_xent_global" in errs[1]
+        assert "non-finite" in errs[2] or "finite" in errs[2]

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from urkle_fast.ops._checks import check_finite
 from urkle_fast.ops.nt_xent import DENOMINATORS, check_nt_xent_args
 
 __all__ = ["DistContext", "init_distributed", "is_distributed", "world_size", "rank", "all_gather_with_grad",
@@ -182,6 +183,7 @@ def nt_xent_global(z: Tensor, *, views: int, temperature: float = 0.5, denominat
     if not is_distributed():
         return nt_xent(z, views=views, temperature=temperature, denominator=denominator)
     N_local, b, d = check_nt_xent_args("nt_xent_global", z, views, temperature, denominator)
+    check_finite("nt_xent_global", {"z": z})
     W, r = dist.get_world_size(), dist.get_rank()
     z3 = z.reshape(views, b, d)
     # [W * V * b, d] in rank order -> the global view-major order [V, W * b, d]

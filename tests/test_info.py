@@ -25,6 +25,12 @@ def test_info_json_lists_every_op_device_backend():
     native_cpu = next(r for r in data["backends"] if r[("op")] == "gaussian_kl" and r["device"] == "cpu"
                       and r["backend"] == "native")
     assert native_cpu["present"] == _backend.native_ops_present()
+    import torch.distributed as dist
+
+    assert ("gloo" in data["distributed"]) == dist.is_gloo_available()
+    from urkle_fast.data.dali import dali_available
+
+    assert data["dali_loader"].startswith("usable") == dali_available()[0]
 
 
 def test_info_cli_prints_table():

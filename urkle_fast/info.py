@@ -24,6 +24,22 @@ def _version(module: str) -> str:
         return f"absent ({type(exc).__name__})"
 
 
+def _distributed() -> str:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return "unavailable in this torch build"
+    have = [name for name, ok in (("nccl", dist.is_nccl_available()), ("gloo", dist.is_gloo_available())) if ok]
+    return "backends " + (", ".join(have) or "none")
+
+
+def _dali() -> str:
+    from urkle_fast.data.dali import dali_available
+
+    ok, why = dali_available()
+    return "usable (--loader dali)" if ok else why
+
+
 def collect() -> dict:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return {
@@ -41,6 +57,8 @@ def collect() -> dict:
         "triton_interpret": _backend.interpreting(),
         "extension": "loaded" if _backend.native_ops_present() else f"missing: {_backend._C_ERROR}",
         "extension_cuda_kernels": _backend.cuda_native_built(),
+        "distributed": _distributed(),
+        "dali_loader": _dali(),
         "selected": {op: {d: _backend.select(op, torch.device(d)) for d in devices} for op in OPS},
         "backends": _backend.table(),
     }
@@ -49,7 +67,8 @@ def collect() -> dict:
 def render(info: dict) -> str:
     lines = ["urkle_fast " + info["urkle_fast"], ""]
     for key in ("python", "platform", "torch", "torch_cuda", "triton", "torchvision", "nvidia.dali", "numpy",
-                "cpu_threads", "cuda_devices", "triton_interpret", "extension", "extension_cuda_kernels"):
+                "cpu_threads", "cuda_devices", "triton_interpret", "extension", "extension_cuda_kernels",
+                "distributed", "dali_loader"):
         lines.append(f"{key:>22}: {info[key]}")
     lines += ["", "selected backend per op and device:"]
     for op, per_dev in info["selected"].items():

@@ -281,7 +281,7 @@ def test_evaluate_a_checkpoint_on_an_imagefolder_tree(tmp_path, data_root):
 # evaluation over torch.distributed ranks
 
 EVAL_KW = dict(dataset="digits", eps_list=[0.2], label_budgets=("all", 100), attack_steps=1, apgd_steps=2,
-               n_test=100, samples=3, sweep_eps=[0.0, 0.1], sweep_n_test=64, head_epochs=3, batch_size=16,
+               n_test=100, samples=3, sweep_eps=[0.0, 0.1], sweep_n_test=16, head_epochs=3, batch_size=16,
                fig2_images=0, verbose=False, device="cpu", num_workers=0)
 
 
@@ -328,6 +328,16 @@ def test_two_ranks_evaluate_as_one_process(tmp_path):
     assert (tmp_path / "ev" / "table.md").is_file() and (tmp_path / "ev" / "results.json").is_file()
 
 
+def test_empty_shards_predict_and_encode_nothing(standard):
+    """A rank whose shard is empty (fewer batches than ranks) gets empty results, not an error."""
+    from urkle_fast.evaluation.probe import encode_dataset, predict
+
+    clf = ProbabilisticClassifier(standard, None)
+    assert predict(clf, torch.zeros(0, 1, 8, 8)).shape == (0,)
+    mu, lv = encode_dataset(TinyRep(), torch.zeros(0, 1, 8, 8))
+    assert mu.shape == lv.shape == (0, 16)
+
+
 def test_batch_shards_cover_every_row_once():
     from urkle_fast.evaluation.sharding import batch_shard
 
@@ -339,3 +349,30 @@ def test_batch_shards_cover_every_row_once():
             assert sl.start == min(n, b0 * bs) and (sl.start % bs == 0 or sl.start == n)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         batch_shard(10, 0, 0, 1)
+
+
+@pytest.mark.slow
+def test_torchrun_eval_cli_matches_one_process(tmp_path):
+    """`torchrun -m urkle_fast.eval` with 2 gloo ranks, where one batch of 256 leaves rank 1 with nothing:
+    same z = mu table as one process; rank 0 alone writes the outputs."""
+    import socket
+    import subprocess
+    import sys
+
+    from urkle_fast.train import DEMO, TrainConfig, train
+
+    ck = train(TrainConfig(method="simclr_urkle", out_dir=str(tmp_path / "run"), progress=False,
+                           **{**DEMO, "epochs": 4, "warmup_epochs": 1, "beta_warmup_epochs": 1}))["checkpoint"]
+    args = ["--checkpoint", ck, "--eps", "0.1", "--attack-steps", "2", "--apgd-steps", "2", "--n-test", "200",
+            "--device", "cpu", "--sweep-eps", "0", "0.1", "--sweep-n-test", "32", "--head-epochs", "5"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(port), "-m", "urkle_fast.eval", *args, "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert cli([*args, "--out", str(tmp_path / "one")]) == 0
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["models"]["simclr_urkle"]["budgets"]["all"]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["models"]["simclr_urkle"]["budgets"]["all"]
+    assert two["paths"]["mu"] == one["paths"]["mu"]

@@ -87,6 +87,9 @@ def encode_dataset(model: nn.Module, x, *, batch_size: int = 512, device=None, d
         mu, lv = model.encode(to_float01(xb.to(device, non_blocking=True)))
         mus.append(mu.float().cpu())
         lvs.append(lv.float().cpu())
+    if not mus:  # an empty shard of a rank: [0, d_z]
+        empty = torch.zeros(0, int(getattr(model, "d_z", 0)))
+        return empty, empty.clone()
     return torch.cat(mus), torch.cat(lvs)
 
 
@@ -201,7 +204,7 @@ def predict(clf: nn.Module, x: torch.Tensor, *, batch_size: int = 512, device=No
     out = []
     for i in range(0, len(x), batch_size):
         out.append(clf(to_float01(x[i:i + batch_size].to(device))).argmax(-1).cpu())
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)  # an empty shard of a rank
 
 
 def accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> float:

@@ -76,6 +76,20 @@ def test_resume_continues_exactly(tmp_path):
     assert torch.equal(sa["rng"]["torch"], sb["rng"]["torch"])
 
 
+def test_resume_if_exists_starts_then_continues(tmp_path):
+    """The same command line, launched twice (a requeued job): first a fresh start, then a resume."""
+    full = train(TrainConfig(method="simclr_urkle", out_dir=str(tmp_path / "full"), **TINY))
+    argv = dict(method="simclr_urkle", out_dir=str(tmp_path / "job"), resume="if-exists", **TINY)
+    first = train(TrainConfig(**{**argv, "max_steps": 5}))
+    assert first["step"] == 5
+    second = train(TrainConfig(**argv))
+    assert second["step"] == 8 and second["loss"] == full["loss"]
+    a, b = _params(full["checkpoint"]), _params(second["checkpoint"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError):  # plain --resume still insists on a checkpoint
+        train(TrainConfig(**{**argv, "out_dir": str(tmp_path / "none"), "resume": "auto"}))
+
+
 def test_sigterm_leaves_a_loadable_checkpoint_and_resume_matches(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "urkle_fast.train", "--method", "simclr_urkle", "--dataset", "digits",

@@ -7,6 +7,7 @@ minutes on 2 CPU cores. With arguments: one run, e.g.
     python -m urkle_fast.train --method simclr_urkle --dataset cifar10 --epochs 2000 --batch-size 1024
     python -m urkle_fast.train --method vae_urkle --dataset mnist --epochs 50 --out-dir runs/mnist-vae
     python -m urkle_fast.train --out-dir runs/x --resume          # continue exactly where it stopped
+    python -m urkle_fast.train --out-dir runs/x --resume if-exists  # the same command starts or continues
     python -m urkle_fast.train --demo --seed 1 --out-dir runs/demo1   # the default run, another seed
 
 The loop is flat: batches in a (seed, epoch)-determined order -> batched augmentation on the device
@@ -111,7 +112,9 @@ class TrainConfig:
     threads: Optional[int] = None  # torch intra-op threads on the CPU (1 is fastest for the tiny digits model)
     ckpt_every: int = 0  # steps; 0 = only at the end (and on SIGTERM / SIGINT)
     log_every: int = 10
-    resume: Optional[str] = None  # checkpoint path, or "auto" for <out_dir>/checkpoint.pt
+    # checkpoint path; "auto": <out_dir>/checkpoint.pt; "if-exists": that one when present, else a fresh
+    # start (for jobs that a scheduler or torchrun --max-restarts relaunches with the same command)
+    resume: Optional[str] = None
     progress: bool = True
     tensorboard: bool = False
     # filled from the dataset (saved so that load_model needs nothing else)
@@ -330,8 +333,10 @@ def train(cfg: TrainConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "checkpoint.pt"
     resume_state = None
+    if cfg.resume == "if-exists" and not ckpt_path.exists():
+        cfg = dataclasses.replace(cfg, resume=None)
     if cfg.resume:
-        path = ckpt_path if cfg.resume == "auto" else Path(cfg.resume)
+        path = ckpt_path if cfg.resume in ("auto", "if-exists") else Path(cfg.resume)
         resume_state = load_checkpoint(path)
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         saved = {k: v for k, v in resume_state["config"].items() if k in known}
@@ -666,7 +671,8 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
         aliases = ["--batch"] if f.name == "batch_size" else []
         if f.name == "resume":
             p.add_argument(flag, nargs="?", const="auto", default=None,
-                           help="resume from PATH, or from <out_dir>/checkpoint.pt when given without a path")
+                           help="resume from PATH, or from <out_dir>/checkpoint.pt when given without a path; "
+                                "'if-exists': from that file when present, else start (for relaunched jobs)")
         elif f.type in ("bool", "Optional[bool]"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                            help=HELP.get(f.name, "") + "default: %(default)s" + " (None: on for CUDA)" * (f.default is None))

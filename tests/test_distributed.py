@@ -21,7 +21,7 @@ from urkle_fast.data import epoch_batches, load_dataset
 from urkle_fast.distributed import all_gather_with_grad, init_distributed, nt_xent_global
 
 REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # --standalone: torchrun picks a free port itself
 
 
 def _free_port() -> int:
@@ -167,7 +167,7 @@ def test_ddp_keeps_every_rank_on_the_same_weights(tmp_path, micro_batch):
 
 
 def _torchrun(out_dir, *extra, nproc=2, timeout=300, check=True):
-    cmd = TORCHRUN + ["--nproc-per-node", str(nproc), "--master-port", str(_free_port()), "-m", "urkle_fast.train",
+    cmd = TORCHRUN + ["--standalone", "--nproc-per-node", str(nproc), "-m", "urkle_fast.train",
                       "--dataset", "digits", "--device", "cpu", "--batch", "64", "--epochs", "2", "--log-every", "1",
                       "--threads", "1", "--num-workers", "0", "--no-progress", "--out-dir", str(out_dir), *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -196,7 +196,7 @@ def test_torchrun_resume_continues_exactly(tmp_path):
 @pytest.mark.slow
 def test_sigterm_to_torchrun_leaves_a_checkpoint_that_resumes(tmp_path):
     out = tmp_path / "sig"
-    cmd = TORCHRUN + ["--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "urkle_fast.train",
+    cmd = TORCHRUN + ["--standalone", "--nproc-per-node", "2", "-m", "urkle_fast.train",
                       "--dataset", "digits", "--device", "cpu", "--batch", "64", "--epochs", "100", "--log-every", "1",
                       "--threads", "1", "--num-workers", "0", "--no-progress", "--out-dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

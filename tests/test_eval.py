@@ -355,7 +355,6 @@ def test_batch_shards_cover_every_row_once():
 def test_torchrun_eval_cli_matches_one_process(tmp_path):
     """`torchrun -m urkle_fast.eval` with 2 gloo ranks, where one batch of 256 leaves rank 1 with nothing:
     same z = mu table as one process; rank 0 alone writes the outputs."""
-    import socket
     import subprocess
     import sys
 
@@ -365,11 +364,8 @@ def test_torchrun_eval_cli_matches_one_process(tmp_path):
                            **{**DEMO, "epochs": 4, "warmup_epochs": 1, "beta_warmup_epochs": 1}))["checkpoint"]
     args = ["--checkpoint", ck, "--eps", "0.1", "--attack-steps", "2", "--apgd-steps", "2", "--n-test", "200",
             "--device", "cpu", "--sweep-eps", "0", "0.1", "--sweep-n-test", "32", "--head-epochs", "5"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           str(port), "-m", "urkle_fast.eval", *args, "--out", str(tmp_path / "two")],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "urkle_fast.eval", *args, "--out", str(tmp_path / "two")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert cli([*args, "--out", str(tmp_path / "one")]) == 0

@@ -2,7 +2,6 @@
 resumes bit for bit (the DALI loader's state travels in the checkpoint), shards under torchrun, and
 refuses what DALI cannot read with clear errors."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,10 +75,7 @@ def test_dali_loader_errors(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_dali_shards_under_torchrun(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "urkle_fast.train", "--dataset", "folder", "--data-root", str(TINY_IN), "--arch", "resnet18",
            "--image-size", "32", "--batch", "16", "--max-steps", "2", "--pgd-steps", "1", "--device", "cpu",
            "--loader", "dali", "--threads", "1", "--num-workers", "1", "--no-progress", "--out-dir", str(tmp_path)]

@@ -43,6 +43,19 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.
     return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
 
 
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_CACHE: dict = {}
+
+
+def _yiq_matrices(dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB->YIQ and its inverse on ``dev``, made once per device: building them per call would copy
+    from the host (and torch.linalg.inv checks its result) each time, a GPU sync per view per step."""
+    key = str(dev)
+    if key not in _YIQ_CACHE:
+        _YIQ_CACHE[key] = (_YIQ.to(dev), torch.linalg.inv(_YIQ).to(dev))
+    return _YIQ_CACHE[key]
+
+
 @dataclass
 class MultiViewAugment:
     views: int = 2
@@ -103,8 +116,7 @@ class MultiViewAugment:
         y = ((y - gr) * col(_uniform(B, 1 - sat, 1 + sat, g, dev)) + gr).clamp(0, 1)
         # hue: rotate the chroma plane of YIQ by 2*pi*h
         ang = _uniform(B, -hue, hue, g, dev) * 2 * math.pi
-        yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev)
-        rgb_m = torch.linalg.inv(yiq)
+        yiq, rgb_m = _yiq_matrices(dev)
         q = torch.einsum("ij,bjhw->bihw", yiq, y)
         c, s = torch.cos(ang).view(B, 1, 1), torch.sin(ang).view(B, 1, 1)
         i2 = c * q[:, 1] - s * q[:, 2]

@@ -2,7 +2,8 @@
 
 Launch (one process per GPU, NCCL; or CPU processes, gloo):
 
-    torchrun --nproc-per-node 8 -m urkle_fast.train --dataset imagenet --data-root /data/imagenet --batch 4096
+    torchrun --nproc-per-node 8 -m urkle_fast.train --dataset imagenet --data-root /data/imagenet --batch 4096 \
+        --micro-batch 128      # 512 images per GPU in chunks of 128 (urkle_fast.microbatch)
     torchrun --nproc-per-node 2 -m urkle_fast.train --dataset digits --device cpu     # gloo
 
 ``--batch`` is the GLOBAL batch: each of the W ranks takes a disjoint slice of B / W images of every

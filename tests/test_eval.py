@@ -92,6 +92,29 @@ def test_standard_no_gradient_masking(digits, standard):
         assert apgd <= pgd + 0.02, (e, pgd, apgd)
 
 
+def test_square_attack_is_gradient_free_and_breaks_an_undefended_model(digits, standard):
+    """Square (no gradients): stays in the ball and the box, only ever lowers each image's margin, is
+    seeded, and takes an undefended model far below its clean accuracy."""
+    from urkle_fast.evaluation.attacks import _margin, square_linf
+
+    _, test = digits
+    x, y = test.x[:200], test.y[:200]
+    clf = ProbabilisticClassifier(standard)
+    eps = 0.2
+    start = square_linf(clf, x, y, eps=eps, queries=0, seed=3)  # the vertical-stripe start only
+    adv = square_linf(clf, x, y, eps=eps, queries=300, seed=3)
+    assert torch.equal(adv, square_linf(clf, x, y, eps=eps, queries=300, seed=3))
+    assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    with torch.no_grad():
+        m0, m1 = _margin(clf(start), y), _margin(clf(adv), y)
+    assert (m1 <= m0 + 1e-6).all() and (m1 < m0).float().mean() > 0.5
+    clean = robust_accuracy(clf, x, y, attack="square", eps=0.0, steps=300)
+    sq = robust_accuracy(clf, x, y, attack="square", eps=eps, steps=300, seed=3)
+    assert clean > 0.9 and sq < 0.5 * clean, (clean, sq)
+    with pytest.raises(ValueError, match="expected 'pgd', 'apgd' or 'square'"):
+        robust_accuracy(clf, x, y, attack="fgsm", eps=eps, steps=1)
+
+
 def test_apgd_checkpoints_match_croce_hein():
     # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06): AutoAttack's 100-iteration schedule
     assert _apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
@@ -177,6 +200,18 @@ def test_evaluate_models_writes_table_json_pngs(tmp_path, digits, standard):
     assert md.count("## Labels:") == 4  # 2 budgets x (S-sample, mu)
     assert res["models"]["Standard"]["budgets"]["all"]["paths"]["samples"]["clean"] > 0.9
     assert all(p.requires_grad for p in standard.parameters())  # the caller's model is left as it was
+
+
+def test_square_columns_in_the_table(tmp_path, digits, standard):
+    res = evaluate_models({"Standard": (standard, {"method": "standard"})}, dataset="digits", eps_list=[0.1],
+                          out_dir=str(tmp_path), attack_steps=5, apgd_steps=5, square_queries=40, n_test=60,
+                          sweep_eps=[0.0], sweep_n_test=20, fig2_images=0, verbose=False, splits=digits)
+    r = res["models"]["Standard"]["budgets"]["all"]["paths"]["mu"]
+    assert res["settings"]["square_queries"] == 40
+    assert r["worst"]["0.1"] <= min(r["pgd"]["0.1"], r["apgd"]["0.1"], r["square"]["0.1"]) + 1e-9
+    assert 0.0 <= r["square"]["0.1"] <= 1.0
+    md = (tmp_path / "table.md").read_text()
+    assert "Square 0.1" in md and "worst 0.1" in md and "Square (gradient-free): 40 queries" in md
 
 
 def test_checkpoint_roundtrip_and_cli(tmp_path):

@@ -9,9 +9,16 @@
   oscillates or stalls, restart from the best point. It is the independent check for gradient
   masking (torchattacks pins requests~=2.25, so it is not a dependency).
 
-Both take a classifier returning log-probabilities [B, C] (``ProbabilisticClassifier``); for a
+* ``square_linf``: the Square Attack of Andriushchenko et al. (2020, "Square Attack: a query-efficient
+  black-box adversarial attack via random search"), AutoAttack's gradient-free member, written from the
+  paper: vertical-stripe start, then random eps-squares whose side shrinks on AutoAttack's schedule,
+  a square kept only when it lowers the margin. It needs no gradient at all, so a model that masks
+  gradients (stochastic z included) cannot hide from it behind them.
+
+All take a classifier returning log-probabilities [B, C] (``ProbabilisticClassifier``); for a
 stochastic classifier each forward draws fresh z samples, so the gradient is an EOT average over
-``samples`` x ``eot_iter`` draws. Gradients are taken w.r.t. the input only.
+``samples`` x ``eot_iter`` draws (and Square compares margins of such averaged predictions). Gradients
+are taken w.r.t. the input only.
 """
 
 from __future__ import annotations
@@ -69,6 +76,62 @@ def _apgd_checkpoints(n_iter: int) -> list[int]:
         out.append(k)
         h = max(h - decr, least)
     return out
+
+
+def _square_p(p_init: float, it: int, n_iters: int) -> float:
+    """Fraction of the image a square covers at query it (AutoAttack's schedule, rescaled to n_iters)."""
+    t = int(it / max(1, n_iters) * 10000)
+    for bound, div in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128),
+                       (8000, 256), (10000, 512)):
+        if t <= bound:
+            return p_init / div
+    return p_init / 512
+
+
+def _margin(log_p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log p_y - max_{c != y} log p_c per sample: negative once misclassified."""
+    true = log_p.gather(1, y[:, None]).squeeze(1)
+    other = log_p.scatter(1, y[:, None], float("-inf")).amax(1)
+    return true - other
+
+
+@torch.no_grad()
+def square_linf(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, queries: int = 1000,
+                p_init: float = 0.8, seed: Optional[int] = 0) -> torch.Tensor:
+    """Square Attack (l_inf, margin loss) on one batch: at most ``queries`` forward passes per image after
+    the start. x [B, C, H, W] in [0,1], y [B] -> x_adv, every point within eps of x and in [0, 1]."""
+    if eps <= 0:
+        return x.clone()
+    if x.dim() != 4:
+        raise ValueError(f"square_linf: x must be [B, C, H, W], got shape {tuple(x.shape)}")
+    x = x.detach()
+    B, C, H, W = x.shape
+    g = torch.Generator(device=x.device)
+    g.manual_seed(int(seed) if seed is not None else 0)
+    g_pos = torch.Generator().manual_seed(int(seed) if seed is not None else 0)  # square positions: host-side
+
+    def signs(*shape):
+        return torch.randint(0, 2, shape, generator=g, device=x.device).to(x.dtype) * 2 - 1
+
+    x_best = (x + eps * signs(B, C, 1, W)).clamp(0, 1)  # vertical stripes
+    margin = _margin(clf(x_best), y)
+    for it in range(queries):
+        live = (margin > 0).nonzero(as_tuple=True)[0]
+        if len(live) == 0:
+            break
+        s = int(round(math.sqrt(_square_p(p_init, it, queries) * H * W)))
+        s = min(max(s, 1), H - 1 if H > 1 else 1, W - 1 if W > 1 else 1)
+        r0 = int(torch.randint(0, H - s + 1, (1,), generator=g_pos))
+        c0 = int(torch.randint(0, W - s + 1, (1,), generator=g_pos))
+        x_l, best_l = x[live], x_best[live]
+        delta = best_l - x_l
+        delta[:, :, r0:r0 + s, c0:c0 + s] = eps * signs(len(live), C, 1, 1)
+        cand = (x_l + delta).clamp(0, 1)
+        m_new = _margin(clf(cand), y[live])
+        better = m_new < margin[live]
+        idx = live[better]
+        x_best[idx], margin[idx] = cand[better], m_new[better]
+    return x_best
 
 
 def apgd_ce(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
@@ -141,15 +204,15 @@ def robust_accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack:
                     seed: int = 0, device=None, desc: str = "", return_correct: bool = False, first_batch: int = 0):
     """Accuracy on attacked x: the adversaries are re-evaluated with fresh z samples.
 
-    attack: "pgd" or "apgd". x [N, ...] on any device (moved per batch), y [N]. Returns the accuracy
+    attack: "pgd", "apgd" or "square" (steps = its queries). x [N, ...] on any device (moved per batch), y [N]. Returns the accuracy
     (float), or (accuracy, per-sample correctness [N] bool) with return_correct=True. Batch b's random
     start is seeded with seed + first_batch + b: a rank evaluating batches [k, ...) of a larger set
     passes first_batch=k and attacks exactly as one process would.
     """
     from urkle_fast.data import to_float01  # x may be uint8 (ImageFolder test sets are kept so)
 
-    if attack not in ("pgd", "apgd"):
-        raise ValueError(f"unknown attack {attack!r}")
+    if attack not in ("pgd", "apgd", "square"):
+        raise ValueError(f"unknown attack {attack!r}; expected 'pgd', 'apgd' or 'square'")
     device = device or next(clf.parameters()).device
     clf.eval()
     correct = []
@@ -159,8 +222,10 @@ def robust_accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack:
             xa = xb
         elif attack == "pgd":
             xa = pgd_linf(clf, xb, yb, eps=eps, steps=steps, alpha=alpha, eot_iter=eot_iter, seed=seed + first_batch + bi)
-        else:
+        elif attack == "apgd":
             xa = apgd_ce(clf, xb, yb, eps=eps, steps=steps, eot_iter=eot_iter, seed=seed + first_batch + bi)
+        else:  # square: steps = queries
+            xa = square_linf(clf, xb, yb, eps=eps, queries=steps, seed=seed + first_batch + bi)
         with torch.no_grad():
             correct.append((clf(xa).argmax(-1) == yb).cpu())
     ok = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)

@@ -29,12 +29,15 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"cross-entropy of the averaged prediction over S = {s['samples']} z samples (EOT x{s['eot_iter']}). "
         + (f"APGD-CE: {s['apgd_steps']} steps; PGD&APGD: correct under both (per sample). " if s["apgd_steps"]
            else "APGD-CE: not run. ")
+        + (f"Square (gradient-free): {s['square_queries']} queries; worst: correct under every attack. "
+           if s.get("square_queries") else "")
         + (f"Bounded softmax M = {s['bounded_M']}. " if s.get("bounded_M") is not None else "")
         + "Supervised baselines have no head and no z: their row is the same in every table."
     )
     lines.append("")
-    attacks = ["pgd"] + (["apgd", "both"] if s["apgd_steps"] else [])
-    names = {"pgd": "PGD", "apgd": "APGD", "both": "PGD&APGD"}
+    attacks = ["pgd"] + (["apgd", "both"] if s["apgd_steps"] else []) + \
+        (["square", "worst"] if s.get("square_queries") else [])
+    names = {"pgd": "PGD", "apgd": "APGD", "both": "PGD&APGD", "square": "Square", "worst": "worst"}
     for budget in results["label_budgets"]:
         for path, title in (("samples", f"prediction averaged over S = {s['samples']} samples"), ("mu", "z = mu")):
             lines.append(f"## Labels: {budget}; {title}")

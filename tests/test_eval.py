@@ -115,6 +115,21 @@ def test_square_attack_is_gradient_free_and_breaks_an_undefended_model(digits, s
         robust_accuracy(clf, x, y, attack="fgsm", eps=eps, steps=1)
 
 
+def test_pgd_restarts_never_raise_accuracy(digits, standard):
+    """Restart 0 is the single-run attack; an image must survive every restart, so accuracy can only fall."""
+    _, test = digits
+    x, y = test.x[:120], test.y[:120]
+    clf = ProbabilisticClassifier(standard)
+    one, ok1 = robust_accuracy(clf, x, y, attack="pgd", eps=0.1, steps=3, seed=0, return_correct=True)
+    three, ok3 = robust_accuracy(clf, x, y, attack="pgd", eps=0.1, steps=3, seed=0, return_correct=True,
+                                 restarts=3)
+    assert not (ok3 & ~ok1).any() and three <= one
+    assert robust_accuracy(clf, x, y, attack="pgd", eps=0.0, steps=3, restarts=3) == robust_accuracy(
+        clf, x, y, attack="pgd", eps=0.0, steps=3)
+    with pytest.raises(ValueError, match="restarts must be an int >= 1, got 0"):
+        robust_accuracy(clf, x, y, attack="pgd", eps=0.1, steps=1, restarts=0)
+
+
 def test_apgd_checkpoints_match_croce_hein():
     # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06): AutoAttack's 100-iteration schedule
     assert _apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
@@ -204,7 +219,8 @@ def test_evaluate_models_writes_table_json_pngs(tmp_path, digits, standard):
 
 def test_square_columns_in_the_table(tmp_path, digits, standard):
     res = evaluate_models({"Standard": (standard, {"method": "standard"})}, dataset="digits", eps_list=[0.1],
-                          out_dir=str(tmp_path), attack_steps=5, apgd_steps=5, square_queries=40, n_test=60,
+                          out_dir=str(tmp_path), attack_steps=5, apgd_steps=5, square_queries=40, pgd_restarts=2,
+                          n_test=60,
                           sweep_eps=[0.0], sweep_n_test=20, fig2_images=0, verbose=False, splits=digits)
     r = res["models"]["Standard"]["budgets"]["all"]["paths"]["mu"]
     assert res["settings"]["square_queries"] == 40
@@ -212,6 +228,7 @@ def test_square_columns_in_the_table(tmp_path, digits, standard):
     assert 0.0 <= r["square"]["0.1"] <= 1.0
     md = (tmp_path / "table.md").read_text()
     assert "Square 0.1" in md and "worst 0.1" in md and "Square (gradient-free): 40 queries" in md
+    assert "2 restarts" in md and res["settings"]["pgd_restarts"] == 2
 
 
 def test_checkpoint_roundtrip_and_cli(tmp_path):

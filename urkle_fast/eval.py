@@ -63,7 +63,8 @@ def _slug(name: str) -> str:
 def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, data_root: Optional[str] = None,
                     eps_list: Sequence[float], out_dir: Optional[str], label_budgets: Sequence[Union[int, str]] = ("all",),
                     samples: int = 10, attack_steps: int = 20, seed: int = 0, alpha: Optional[float] = None,
-                    eot_iter: int = 1, apgd_steps: int = 100, square_queries: int = 0, n_test: Optional[int] = None,
+                    eot_iter: int = 1, apgd_steps: int = 100, square_queries: int = 0, pgd_restarts: int = 1,
+                    n_test: Optional[int] = None,
                     sweep_eps: Optional[Sequence[float]] = None, sweep_n_test: Optional[int] = 500,
                     head: Optional[str] = None, head_epochs: Optional[int] = None, head_lr: float = 1e-3,
                     bounded_M: Optional[float] = None, batch_size: int = 256, device: Optional[str] = None,
@@ -102,7 +103,7 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
     x_sw, y_sw = x_test[:n_sw], y_test[:n_sw]
     settings = dict(samples=samples, attack_steps=attack_steps, alpha=alpha,
                     alpha_desc=("eps/10" if alpha is None else f"{alpha:g}"), eot_iter=eot_iter, apgd_steps=apgd_steps,
-                    square_queries=square_queries,
+                    square_queries=square_queries, pgd_restarts=pgd_restarts,
                     n_test=len(y_test), sweep_n_test=n_sw, head=head_kind, head_epochs=head_epochs, head_lr=head_lr,
                     bounded_M=bounded_M, seed=seed, device=str(device), n_train=len(train.y))
     results: dict[str, Any] = dict(dataset=dataset, eps_list=eps_list, sweep_eps=sweep,
@@ -132,7 +133,7 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
         ok_pgd = {}
         for e in eps_list:
             clf.reseed(seed + 1)
-            ok_pgd[e] = correct(clf, x_test, y_test, "pgd", e, desc=f"{tag} PGD {e:.4g}")
+            ok_pgd[e] = correct(clf, x_test, y_test, "pgd", e, desc=f"{tag} PGD {e:.4g}", restarts=pgd_restarts)
             r["pgd"][str(e)] = acc_of(ok_pgd[e])
         if apgd_steps:
             r["apgd"], r["both"] = {}, {}
@@ -244,7 +245,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], *, dataset: str, data_root
     "digits", "mnist", "cifar10", "cifar100", "folder"; data_root defaults to ../shared/data.
     eps_list: test epsilons in [0,1] pixel units. label_budgets: "all" and/or label counts
     (class-balanced, seeded). samples: S of paper Eq. 1. attack_steps: PGD steps (step eps/10).
-    Further keywords (see ``evaluate_models``): alpha, eot_iter, apgd_steps (0 = off), square_queries (0 = off), n_test,
+    Further keywords (see ``evaluate_models``): alpha, eot_iter, apgd_steps (0 = off), square_queries (0 = off), pgd_restarts, n_test,
     sweep_eps, sweep_n_test, head ("linear"/"mlp3"), head_epochs, head_lr, bounded_M, batch_size,
     device, fig2_images, plots, verbose, num_workers.
 
@@ -279,6 +280,7 @@ class EvalConfig:
     eot_iter: int = 1
     apgd_steps: int = 100
     square_queries: int = 0
+    pgd_restarts: int = 1
     n_test: Optional[int] = None
     sweep_eps: Optional[list[float]] = None
     sweep_n_test: Optional[int] = 500
@@ -311,6 +313,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> EvalConfig:
     p.add_argument("--square-queries", type=int, default=0,
                    help="Square Attack (gradient-free) queries per image; 0 disables (default 0; 1000-5000 to check "
                         "for gradient masking)")
+    p.add_argument("--pgd-restarts", type=int, default=1,
+                   help="PGD runs from different random starts; an image must survive all (default 1)")
     p.add_argument("--n-test", type=int, help="class-balanced seeded test subset (default: whole test set)")
     p.add_argument("--sweep-eps", type=float, nargs="+", help="epsilons of the accuracy-vs-eps plot")
     p.add_argument("--sweep-n-test", type=int, default=500, help="test images in the sweep (default 500)")
@@ -351,7 +355,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         loaded, dataset=dataset, data_root=data_root, eps_list=cfg.eps or DEFAULT_EPS[dataset], out_dir=cfg.out,
         label_budgets=cfg.label_budgets, samples=cfg.samples, attack_steps=cfg.attack_steps, seed=cfg.seed,
         alpha=cfg.alpha, eot_iter=cfg.eot_iter, apgd_steps=cfg.apgd_steps, square_queries=cfg.square_queries,
-        n_test=cfg.n_test, sweep_eps=cfg.sweep_eps,
+        pgd_restarts=cfg.pgd_restarts, n_test=cfg.n_test, sweep_eps=cfg.sweep_eps,
         sweep_n_test=cfg.sweep_n_test, head=cfg.head, head_epochs=cfg.head_epochs, head_lr=cfg.head_lr,
         bounded_M=cfg.bounded_M, batch_size=cfg.batch_size, device=cfg.device, plots=not cfg.no_plots,
         num_workers=cfg.num_workers, checkpoint_paths=paths)

@@ -201,33 +201,42 @@ def apgd_ce(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, ste
 
 def robust_accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: str, eps: float,
                     steps: int, alpha: Optional[float] = None, eot_iter: int = 1, batch_size: int = 256,
-                    seed: int = 0, device=None, desc: str = "", return_correct: bool = False, first_batch: int = 0):
+                    seed: int = 0, device=None, desc: str = "", return_correct: bool = False, first_batch: int = 0,
+                    restarts: int = 1):
     """Accuracy on attacked x: the adversaries are re-evaluated with fresh z samples.
 
-    attack: "pgd", "apgd" or "square" (steps = its queries). x [N, ...] on any device (moved per batch), y [N]. Returns the accuracy
-    (float), or (accuracy, per-sample correctness [N] bool) with return_correct=True. Batch b's random
+    attack: "pgd", "apgd" or "square" (steps = its queries). x [N, ...] on any device (moved per batch),
+    y [N]. Returns the accuracy (float), or (accuracy, per-sample correctness [N] bool) with return_correct=True. Batch b's random
     start is seeded with seed + first_batch + b: a rank evaluating batches [k, ...) of a larger set
-    passes first_batch=k and attacks exactly as one process would.
+    passes first_batch=k and attacks exactly as one process would. ``restarts`` > 1 runs the attack
+    again from other random starts; an image counts as correct only if it survives every run (restart 0
+    is the single-run attack, so more restarts never raise the accuracy).
     """
     from urkle_fast.data import to_float01  # x may be uint8 (ImageFolder test sets are kept so)
 
     if attack not in ("pgd", "apgd", "square"):
         raise ValueError(f"unknown attack {attack!r}; expected 'pgd', 'apgd' or 'square'")
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts must be an int >= 1, got {restarts!r}")
     device = device or next(clf.parameters()).device
     clf.eval()
     correct = []
     for bi, i in enumerate(tqdm(range(0, len(x), batch_size), desc=desc or f"{attack} eps={eps:.4g}", leave=False)):
         xb, yb = to_float01(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device)
-        if eps <= 0:
-            xa = xb
-        elif attack == "pgd":
-            xa = pgd_linf(clf, xb, yb, eps=eps, steps=steps, alpha=alpha, eot_iter=eot_iter, seed=seed + first_batch + bi)
-        elif attack == "apgd":
-            xa = apgd_ce(clf, xb, yb, eps=eps, steps=steps, eot_iter=eot_iter, seed=seed + first_batch + bi)
-        else:  # square: steps = queries
-            xa = square_linf(clf, xb, yb, eps=eps, queries=steps, seed=seed + first_batch + bi)
-        with torch.no_grad():
-            correct.append((clf(xa).argmax(-1) == yb).cpu())
+        ok_b = torch.ones(len(yb), dtype=torch.bool)
+        for r in range(restarts if eps > 0 else 1):
+            sd = seed + first_batch + bi + 1_000_003 * r
+            if eps <= 0:
+                xa = xb
+            elif attack == "pgd":
+                xa = pgd_linf(clf, xb, yb, eps=eps, steps=steps, alpha=alpha, eot_iter=eot_iter, seed=sd)
+            elif attack == "apgd":
+                xa = apgd_ce(clf, xb, yb, eps=eps, steps=steps, eot_iter=eot_iter, seed=sd)
+            else:  # square: steps = queries
+                xa = square_linf(clf, xb, yb, eps=eps, queries=steps, seed=sd)
+            with torch.no_grad():
+                ok_b &= (clf(xa).argmax(-1) == yb).cpu()
+        correct.append(ok_b)
     ok = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
     acc = ok.float().sum().item() / max(1, len(x))
     return (acc, ok) if return_correct else acc

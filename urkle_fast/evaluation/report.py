@@ -25,7 +25,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [f"# Robust accuracy on {results['dataset']} (%, n_test = {s['n_test']})", ""]
     lines.append(
-        f"White-box l_inf PGD: {s['attack_steps']} steps of {s['alpha_desc']}, random start, model in eval mode, "
+        f"White-box l_inf PGD: {s['attack_steps']} steps of {s['alpha_desc']}, random start"
+        + (f" ({s['pgd_restarts']} restarts: correct only if every run fails)" if s.get("pgd_restarts", 1) > 1 else "")
+        + ", model in eval mode, "
         f"cross-entropy of the averaged prediction over S = {s['samples']} z samples (EOT x{s['eot_iter']}). "
         + (f"APGD-CE: {s['apgd_steps']} steps; PGD&APGD: correct under both (per sample). " if s["apgd_steps"]
            else "APGD-CE: not run. ")

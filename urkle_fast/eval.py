@@ -127,29 +127,25 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
         return ok.float().mean().item() if len(ok) else 0.0
 
     def attack_all(clf: ProbabilisticClassifier, tag: str) -> dict:
-        """clean, PGD and APGD accuracy per eps, and "both": correct under PGD and under APGD (per sample,
-        as AutoAttack counts an ensemble)."""
+        """clean, PGD, APGD (and Square) accuracy per eps; "both": correct under PGD and APGD, "worst": under
+        every attack that ran (per sample, as AutoAttack counts an ensemble)."""
         r: dict[str, Any] = {"clean": acc_of(correct(clf, x_test, y_test)), "pgd": {}}
-        ok_pgd = {}
+        survived = {}  # per eps: correct under every attack so far
         for e in eps_list:
             clf.reseed(seed + 1)
-            ok_pgd[e] = correct(clf, x_test, y_test, "pgd", e, desc=f"{tag} PGD {e:.4g}", restarts=pgd_restarts)
-            r["pgd"][str(e)] = acc_of(ok_pgd[e])
-        if apgd_steps:
-            r["apgd"], r["both"] = {}, {}
+            survived[e] = correct(clf, x_test, y_test, "pgd", e, desc=f"{tag} PGD {e:.4g}", restarts=pgd_restarts)
+            r["pgd"][str(e)] = acc_of(survived[e])
+        # then APGD ("both": PGD & APGD) and the gradient-free Square ("worst": every attack that ran)
+        extra = ([("apgd", "APGD", apgd_steps, "both", 2)] if apgd_steps else []) + \
+            ([("square", "Square", square_queries, "worst", 3)] if square_queries else [])
+        for key, label, n_steps, combined, seed_offset in extra:
+            r[key], r[combined] = {}, {}
             for e in eps_list:
-                clf.reseed(seed + 2)
-                ok = correct(clf, x_test, y_test, "apgd", e, desc=f"{tag} APGD {e:.4g}", steps=apgd_steps)
-                r["apgd"][str(e)] = acc_of(ok)
-                r["both"][str(e)] = acc_of(ok & ok_pgd[e])
-                ok_pgd[e] = ok & ok_pgd[e]
-        if square_queries:  # gradient-free: "worst" = correct under every attack that ran
-            r["square"], r["worst"] = {}, {}
-            for e in eps_list:
-                clf.reseed(seed + 3)
-                ok = correct(clf, x_test, y_test, "square", e, desc=f"{tag} Square {e:.4g}", steps=square_queries)
-                r["square"][str(e)] = acc_of(ok)
-                r["worst"][str(e)] = acc_of(ok & ok_pgd[e])
+                clf.reseed(seed + seed_offset)
+                ok = correct(clf, x_test, y_test, key, e, desc=f"{tag} {label} {e:.4g}", steps=n_steps)
+                survived[e] = survived[e] & ok
+                r[key][str(e)] = acc_of(ok)
+                r[combined][str(e)] = acc_of(survived[e])
         return r
 
     def sweep_curve(clf: ProbabilisticClassifier, name: str) -> list[float]:

@@ -122,6 +122,19 @@ def _row_rnorm_kernel(
 
 
 @triton.jit
+def _whole_d_tile(ptr, idx64, mask, d, stride, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                  SINGLE_D: tl.constexpr):
+    # rows idx64 of z with the whole feature dim, [BLOCK_R, BLOCK_D], when SINGLE_D (held for every
+    # logits tile); otherwise zeros, unused (_logits_tile then walks d in chunks)
+    offs_d = tl.arange(0, BLOCK_D)
+    t = tl.zeros([BLOCK_R, BLOCK_D], dtype=ptr.dtype.element_ty)
+    if SINGLE_D:
+        t = tl.load(ptr + idx64[:, None] * stride + offs_d[None, :], mask=mask[:, None] & (offs_d < d)[None, :],
+                    other=0.0)
+    return t
+
+
+@triton.jit
 def _logits_tile(
     a, a_ptr, b_ptr, a_idx, b_idx, a_mask, b_mask, d, stride_a, stride_b, b_full,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
@@ -190,11 +203,7 @@ def _nt_xent_fwd_kernel(
     b_row = g_row % B
     rscale = tl.load(rr_ptr + rows, mask=rmask, other=0.0) * qk_scale
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = tl.zeros([BLOCK_M, BLOCK_D], dtype=zr_ptr.dtype.element_ty)
-    if SINGLE_D:
-        q = tl.load(zr_ptr + rows64[:, None] * stride_r + offs_d[None, :],
-                    mask=rmask[:, None] & (offs_d < d)[None, :], other=0.0)
+    q = _whole_d_tile(zr_ptr, rows64, rmask, d, stride_r, BLOCK_M, BLOCK_D, SINGLE_D)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: exp2(-inf - m) = 0, never NaN
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     pos_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -202,10 +211,7 @@ def _nt_xent_fwd_kernel(
         cols = k0 + offs_n
         cmask = cols < N
         cols64 = cols.to(tl.int64)
-        k = tl.zeros([BLOCK_N, BLOCK_D], dtype=zc_ptr.dtype.element_ty)
-        if SINGLE_D:
-            k = tl.load(zc_ptr + cols64[:, None] * stride_c + offs_d[None, :],
-                        mask=cmask[:, None] & (offs_d < d)[None, :], other=0.0)
+        k = _whole_d_tile(zc_ptr, cols64, cmask, d, stride_c, BLOCK_N, BLOCK_D, SINGLE_D)
         rc = tl.load(rc_ptr + cols, mask=cmask, other=0.0)
         qk = _logits_tile(q, zr_ptr, zc_ptr, rows64, cols64, rmask, cmask, d, stride_r, stride_c, k,
                           BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, F32_DOT, DOT_F32)
@@ -271,23 +277,16 @@ def _nt_xent_bwd_rows_kernel(
     lse2 = tl.load(lse_ptr + rows, mask=rmask, other=0.0) * LOG2E - tl.log2((views - 1) * 1.0)
     c = tl.load(grad_ptr + rows64 * stride_g, mask=rmask, other=0.0)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     omask = offs_o < d
-    q = tl.zeros([BLOCK_M, BLOCK_D], dtype=zr_ptr.dtype.element_ty)
-    if SINGLE_D:
-        q = tl.load(zr_ptr + rows64[:, None] * stride_r + offs_d[None, :],
-                    mask=rmask[:, None] & (offs_d < d)[None, :], other=0.0)
+    q = _whole_d_tile(zr_ptr, rows64, rmask, d, stride_r, BLOCK_M, BLOCK_D, SINGLE_D)
     acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)  # sum_k H_ik rnorm_k z_k
     hs = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_k H_ik s_ik (base-2 units)
     for k0 in range(0, N, BLOCK_N):
         cols = k0 + offs_n
         cmask = cols < N
         cols64 = cols.to(tl.int64)
-        k = tl.zeros([BLOCK_N, BLOCK_D], dtype=zc_ptr.dtype.element_ty)
-        if SINGLE_D:
-            k = tl.load(zc_ptr + cols64[:, None] * stride_c + offs_d[None, :],
-                        mask=cmask[:, None] & (offs_d < d)[None, :], other=0.0)
+        k = _whole_d_tile(zc_ptr, cols64, cmask, d, stride_c, BLOCK_N, BLOCK_D, SINGLE_D)
         rc = tl.load(rc_ptr + cols, mask=cmask, other=0.0)
         qk = _logits_tile(q, zr_ptr, zc_ptr, rows64, cols64, rmask, cmask, d, stride_r, stride_c, k,
                           BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, F32_DOT, DOT_F32)
@@ -365,13 +364,9 @@ def _nt_xent_bwd_cols_kernel(
     inv_cscale = 1.0 / cscale
     log2_vm1 = tl.log2((views - 1) * 1.0)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_o = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     omask = offs_o < d
-    k = tl.zeros([BLOCK_N, BLOCK_D], dtype=zc_ptr.dtype.element_ty)
-    if SINGLE_D:
-        k = tl.load(zc_ptr + cols64[:, None] * stride_c + offs_d[None, :],
-                    mask=cmask[:, None] & (offs_d < d)[None, :], other=0.0)
+    k = _whole_d_tile(zc_ptr, cols64, cmask, d, stride_c, BLOCK_N, BLOCK_D, SINGLE_D)
     acc = tl.zeros([BLOCK_N, BLOCK_DO], dtype=tl.float32)  # sum_i (G_ik / cscale) rnorm_i z_i
     gs = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_i G_ik s_ik (base-2 units)
     for i0 in range(0, n, BLOCK_M):
@@ -383,10 +378,7 @@ def _nt_xent_bwd_cols_kernel(
         lse2 = tl.load(lse_ptr + rows, mask=rmask, other=0.0) * LOG2E - log2_vm1
         # rows past n load c = 0, so their G is 0 (their e stays finite: s = 0, lse2 = -log2(V-1))
         c = tl.load(grad_ptr + rows64 * stride_g, mask=rmask, other=0.0)
-        q = tl.zeros([BLOCK_M, BLOCK_D], dtype=zr_ptr.dtype.element_ty)
-        if SINGLE_D:
-            q = tl.load(zr_ptr + rows64[:, None] * stride_r + offs_d[None, :],
-                        mask=rmask[:, None] & (offs_d < d)[None, :], other=0.0)
+        q = _whole_d_tile(zr_ptr, rows64, rmask, d, stride_r, BLOCK_M, BLOCK_D, SINGLE_D)
         # transposed tile: [cols, rows]
         kq = _logits_tile(k, zc_ptr, zr_ptr, cols64, rows64, cmask, rmask, d, stride_c, stride_r, q,
                           BLOCK_N, BLOCK_M, BLOCK_D, SINGLE_D, F32_DOT, DOT_F32)

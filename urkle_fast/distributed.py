@@ -52,10 +52,6 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.backend is not None
-
 
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)

@@ -82,7 +82,7 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], *, dataset: str, 
         device = udist.init_distributed(device or "auto").device
     else:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world = sharding.world()
+    rank, world = udist.rank(), udist.world_size()
     main_rank = rank == 0
     plots_requested = plots  # every rank computes the sweep (a collective); rank 0 draws
     verbose, plots = verbose and main_rank, plots and main_rank

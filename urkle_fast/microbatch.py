@@ -160,10 +160,25 @@ def micro_batched_step(model: nn.Module, method: str, views: Tensor, labels: Ten
     return con, {"nt_xent": con}
 
 
+@torch.no_grad()
+def _coalesced(tensors, collective) -> None:
+    """Run ``collective`` once per (dtype, device) on the flattened tensors and copy the result back:
+    one collective instead of one per tensor (a ResNet-50 has ~160 buffers)."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for group in groups.values():
+        flat = _flatten_dense_tensors(group)
+        collective(flat)
+        for t, new in zip(group, _unflatten_dense_tensors(flat, group)):
+            t.copy_(new)
+
+
 def all_reduce_gradients(model: nn.Module) -> None:
     """Average every parameter's gradient over the ranks (one flat all-reduce), as DDP would."""
     import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     from urkle_fast.distributed import is_distributed
 
@@ -173,21 +188,16 @@ def all_reduce_gradients(model: nn.Module) -> None:
     for p in params:
         if p.grad is None:  # every rank must contribute the same tensors
             p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for g, new in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        g.copy_(new)
+    W = dist.get_world_size()
+    _coalesced([p.grad for p in params], lambda flat: (dist.all_reduce(flat), flat.div_(W)))
 
 
-def broadcast_buffers(model: nn.Module) -> None:
-    """Rank 0's buffers (batch-norm running statistics) on every rank, as DDP's broadcast_buffers."""
+def broadcast_from_rank0(tensors) -> None:
+    """Rank 0's values of ``tensors`` (parameters, batch-norm statistics) on every rank, as DDP's
+    construction and its broadcast_buffers do."""
     import torch.distributed as dist
 
     from urkle_fast.distributed import is_distributed
 
-    if not is_distributed():
-        return
-    for b in model.buffers():
-        dist.broadcast(b, src=0)
+    if is_distributed():
+        _coalesced(list(tensors), lambda flat: dist.broadcast(flat, src=0))

@@ -41,7 +41,7 @@ from urkle_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpo
 from urkle_fast.data import (DATASETS, INFO, DataRootError, InMemoryDataset, MultiViewAugment, epoch_batches,
                              load_dataset, num_classes_of, preset_for, steps_per_epoch)
 from urkle_fast.methods import DEFAULT_BETA, METHODS, NUM_VIEWS
-from urkle_fast.microbatch import all_reduce_gradients, broadcast_buffers, micro_batched_step
+from urkle_fast.microbatch import all_reduce_gradients, broadcast_from_rank0, micro_batched_step
 from urkle_fast.models import DEFAULT_ARCH, METHOD_FAMILY, build_model
 
 # train eps (l_inf, [0, 1] pixels): SPEC sec 6; digits chosen here (see the README / report)
@@ -432,8 +432,7 @@ def train(cfg: TrainConfig) -> dict:
     if micro and world > 1:
         # chunks call the model several times per step, which DDP's reducer does not allow: the
         # gradients are averaged after the last chunk instead (micro_batched_step's contract)
-        for t in list(model.parameters()) + list(model.buffers()):
-            torch.distributed.broadcast(t.data, src=0)
+        broadcast_from_rank0([*model.parameters(), *model.buffers()])
     elif world > 1:
         step_fn = nn.parallel.DistributedDataParallel(step_fn, device_ids=[device.index] if on_cuda else None)
     augment = MultiViewAugment(views=NUM_VIEWS[cfg.method], size=cfg.image_size, preset=cfg.augment)
@@ -528,7 +527,7 @@ def train(cfg: TrainConfig) -> dict:
                     )
                 if micro:
                     all_reduce_gradients(model)
-                    broadcast_buffers(model)
+                    broadcast_from_rank0(model.buffers())
                 else:
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()

@@ -25,10 +25,6 @@ from urkle_fast.distributed import is_distributed
 GATHER_ROWS = 65536
 
 
-def world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-
-
 def batch_shard(n: int, batch_size: int, rank: int, world_size: int) -> tuple[slice, int]:
     """(this rank's rows, index of its first batch) when n rows in batches of batch_size go to ranks."""
     if batch_size < 1:
@@ -51,7 +47,7 @@ def gather_rows(local: torch.Tensor, n: int, batch_size: int, *, to_all: bool = 
     Returns the [n, ...] tensor on the CPU, on every rank (to_all) or on rank 0 only (None elsewhere)."""
     if not is_distributed():
         return local.cpu()
-    rank, W = world()
+    rank, W = dist.get_rank(), dist.get_world_size()
     sizes = [batch_shard(n, batch_size, r, W)[0] for r in range(W)]
     sizes = [s.stop - s.start for s in sizes]
     if local.shape[0] != sizes[rank]:
@@ -79,7 +75,7 @@ def broadcast_module(module: Optional[nn.Module]) -> nn.Module:
     """Rank 0's module (weights and all) on every rank; the argument is ignored elsewhere."""
     if not is_distributed():
         return module
-    rank, _ = world()
+    rank = dist.get_rank()
     payload = [None]
     if rank == 0:
         buf = io.BytesIO()

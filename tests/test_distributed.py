@@ -246,7 +246,6 @@ def test_init_distributed_errors(monkeypatch):
 def _deterministic_setup(method, patch=setattr):
     """A digits model without batch norm, a deterministic attack and z noise (as in test_microbatch)."""
     from urkle_fast import methods as methods_mod
-    from urkle_fast import microbatch
     from urkle_fast.data import MultiViewAugment, as_tensors
     from urkle_fast.models import RepresentationModel, build_model
     from urkle_fast.train import TrainConfig, resolve_config
@@ -255,7 +254,6 @@ def _deterministic_setup(method, patch=setattr):
         return (x + cfg.eps * torch.sign(torch.sin(997.0 * x + 0.3))).clamp(0, 1)
 
     patch(methods_mod, "_attack", attack)
-    patch(microbatch, "_attack", attack)
     patch(RepresentationModel, "sample",
           staticmethod(lambda mu, logvar: mu + torch.exp(0.5 * logvar) * torch.sin(131.0 * mu)))
     cfg = resolve_config(TrainConfig(method=method, dataset="digits", eps=0.1, beta_robust=0.5))

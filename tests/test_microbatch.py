@@ -88,7 +88,6 @@ def test_chunks_give_the_gradient_of_the_whole_batch(method, monkeypatch):
         return (x + cfg.eps * torch.sign(torch.sin(997.0 * x + 0.3))).clamp(0, 1)
 
     monkeypatch.setattr(methods_mod, "_attack", attack)
-    monkeypatch.setattr(microbatch, "_attack", attack)
     monkeypatch.setattr(RepresentationModel, "sample",
                         staticmethod(lambda mu, logvar: mu + torch.exp(0.5 * logvar) * torch.sin(131.0 * mu)))
     loss_a, met_a, g_a = _direct(model, method, views, y, cfg)

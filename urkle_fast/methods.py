@@ -35,19 +35,32 @@ def _contrastive(model, x: torch.Tensor, views: int, cfg):
     return nt_xent_global(p, views=views, temperature=cfg.temperature, denominator=cfg.denominator), mu, logvar
 
 
+def contrastive_inputs(method: str, model, views, cfg) -> tuple[torch.Tensor, int]:
+    """The encoder input of a contrastive method, view-major [V' * B, ...] (attacks run here), and V'.
+    urkle_fast.microbatch builds its chunks with it too."""
+    if method == "simclr":
+        return views.flatten(0, 1), 2
+    if method == "simclr_urkle":  # view 1 rows, view 2 rows, then their Urkle adversaries
+        x = views.flatten(0, 1)
+        return torch.cat([x, _attack(urkle_kl(model, x), x, cfg, model)]), 4
+    if method == "rocl":  # the adversary of view 1 against view 2 joins as a third view
+        x1, x2 = views[0], views[1]
+        return torch.cat([x1, x2, _attack(rocl_nt_xent(model, x2, cfg.temperature), x1, cfg, model, eot=cfg.eot)]), 3
+    raise ValueError(f"{method!r} is not a contrastive method (simclr, simclr_urkle, rocl)")
+
+
 def simclr(model, views, y, cfg):
     """Plain SimCLR: NT-Xent over the 2 augmentations (beta = 0, no adversaries)."""
-    loss, _, _ = _contrastive(model, views.flatten(0, 1), 2, cfg)
+    loss, _, _ = _contrastive(model, *contrastive_inputs("simclr", model, views, cfg), cfg)
     return loss, {"nt_xent": loss.detach()}
 
 
 def simclr_urkle(model, views, y, cfg):
     """SimCLR + Urkle (paper Eq. 12): the two augmentations and their two Urkle adversaries in one
     4-view forward pass; NT-Xent(V=4) + beta_robust * mean_{2B} KL[p(z|x) || p(z|x_adv)]."""
-    x = views.flatten(0, 1)  # [2B, ...]: view 1 rows then view 2 rows
-    x_adv = _attack(urkle_kl(model, x), x, cfg, model)
-    con, mu, logvar = _contrastive(model, torch.cat([x, x_adv]), 4, cfg)
-    n = x.shape[0]
+    x, V = contrastive_inputs("simclr_urkle", model, views, cfg)
+    con, mu, logvar = _contrastive(model, x, V, cfg)
+    n = x.shape[0] // 2
     kl = gaussian_kl(mu[:n], logvar[:n], mu[n:], logvar[n:], reduction="mean")
     loss = con + cfg.beta_robust * kl
     return loss, {"nt_xent": con.detach(), "urkle_kl": kl.detach()}
@@ -56,9 +69,7 @@ def simclr_urkle(model, views, y, cfg):
 def rocl(model, views, y, cfg):
     """RoCL: the adversary of view 1 maximises its NT-Xent against view 2 (EOT over z samples when
     cfg.eot > 1); it joins the two views as a third positive: NT-Xent(V=3)."""
-    x1, x2 = views[0], views[1]
-    x1_adv = _attack(rocl_nt_xent(model, x2, cfg.temperature), x1, cfg, model, eot=cfg.eot)
-    loss, _, _ = _contrastive(model, torch.cat([x1, x2, x1_adv]), 3, cfg)
+    loss, _, _ = _contrastive(model, *contrastive_inputs("rocl", model, views, cfg), cfg)
     return loss, {"nt_xent": loss.detach()}
 
 

@@ -33,9 +33,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from urkle_fast.attack import rocl_nt_xent, urkle_kl
 from urkle_fast.distributed import nt_xent_global
-from urkle_fast.methods import METHODS, _attack
+from urkle_fast.methods import METHODS, contrastive_inputs
 from urkle_fast.ops.gaussian_kl import gaussian_kl
 
 CONTRASTIVE = ("simclr_urkle", "simclr", "rocl")
@@ -80,17 +79,6 @@ class _RandomState:
             torch.cuda.set_rng_state(self.cuda_state, self.device)
 
 
-def _contrastive_inputs(method: str, model: nn.Module, views: Tensor, cfg: Any) -> tuple[Tensor, int]:
-    """The chunk's encoder inputs, view-major [V' * m, ...], and V' (the NT-Xent's views)."""
-    if method == "simclr":
-        return views.flatten(0, 1), 2
-    if method == "simclr_urkle":
-        x = views.flatten(0, 1)
-        return torch.cat([x, _attack(urkle_kl(model, x), x, cfg, model)]), 4
-    x1, x2 = views[0], views[1]  # rocl
-    return torch.cat([x1, x2, _attack(rocl_nt_xent(model, x2, cfg.temperature), x1, cfg, model, eot=cfg.eot)]), 3
-
-
 def _embed(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     mu, logvar = model.encode(x)
     return model.project(model.sample(mu, logvar)), mu, logvar
@@ -128,7 +116,7 @@ def micro_batched_step(model: nn.Module, method: str, views: Tensor, labels: Ten
     inputs, states, projections = [], [], []
     for sl in parts:
         with autocast():
-            x, V = _contrastive_inputs(method, model, views[:, sl], cfg)
+            x, V = contrastive_inputs(method, model, views[:, sl], cfg)
         inputs.append(x)
         states.append(_RandomState(views.device))
         with torch.no_grad(), batch_norm_stats_frozen(model), autocast():

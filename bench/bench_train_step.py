@@ -19,9 +19,10 @@ import torch
 
 from conftest import DEVICE, run_case
 from urkle_fast import use_backend
-from urkle_fast.methods import METHODS
+from urkle_fast.methods import LossParams, get_method
 from urkle_fast.models import build_model
-from urkle_fast.train import TrainConfig, compile_model, make_optimizer, resolve_config
+from urkle_fast.optim import make_optimizer
+from urkle_fast.train import TrainConfig, compile_model, resolve_config
 
 CASES = {
     "cpu": [dict(dataset="digits", batch_size=256, pgd_steps=5)],
@@ -50,11 +51,11 @@ def bench_train_step(benchmark, variant, case):
         compile_model(model, "inductor")
     opt = make_optimizer(cfg, model)
     amp = DEVICE == "cuda"
-    loss_fn = METHODS["simclr_urkle"]
+    method, hp = get_method("simclr_urkle"), LossParams.of(cfg)
 
     def step():
         with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = loss_fn(model, views, None, cfg)
+            loss, _ = method.loss(model, views, None, hp, cfg.beta_robust)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from urkle_fast.checkpoint import CheckpointError
-from urkle_fast.eval import cli, evaluate_checkpoints, evaluate_models, load_checkpoint, main
+from urkle_fast.eval import EvalConfig, cli, evaluate_checkpoints, evaluate_models, load_eval_model, main
 from urkle_fast.evaluation.attacks import _apgd_checkpoints, robust_accuracy
 from urkle_fast.evaluation.datasets import load_split
 from urkle_fast.evaluation.probe import (ProbabilisticClassifier, balanced_subset, bounded_log_probs, make_head,
@@ -193,10 +193,10 @@ def test_head_training_learns_on_frozen_features(digits):
 def test_evaluate_models_writes_table_json_pngs(tmp_path, digits, standard):
     torch.manual_seed(1)
     models = {"Standard": (standard, {"method": "standard"}), "Tiny VAE": (TinyRep(), {"method": "vae_urkle"})}
-    res = evaluate_models(models, dataset="digits", eps_list=[0.1, 0.2], out_dir=str(tmp_path),
-                          label_budgets=("all", 100), samples=4, attack_steps=5, apgd_steps=5, n_test=60,
-                          sweep_eps=[0.0, 0.3], sweep_n_test=40, head_epochs=5, fig2_images=2, verbose=False,
-                          splits=digits)
+    res = evaluate_models(models, EvalConfig(dataset="digits", eps=[0.1, 0.2], out=str(tmp_path),
+                                             label_budgets=["all", 100], samples=4, attack_steps=5, apgd_steps=5,
+                                             n_test=60, sweep_eps=[0.0, 0.3], sweep_n_test=40, head_epochs=5,
+                                             fig2_images=2, verbose=False), splits=digits)
     for f in ("table.md", "results.json", "accuracy_vs_eps.png", "accuracy_vs_eps_Standard.png",
               "accuracy_vs_eps_Tiny_VAE.png", "zspace_Tiny_VAE.png"):
         assert (tmp_path / f).is_file() and (tmp_path / f).stat().st_size > 0, f
@@ -218,10 +218,10 @@ def test_evaluate_models_writes_table_json_pngs(tmp_path, digits, standard):
 
 
 def test_square_columns_in_the_table(tmp_path, digits, standard):
-    res = evaluate_models({"Standard": (standard, {"method": "standard"})}, dataset="digits", eps_list=[0.1],
-                          out_dir=str(tmp_path), attack_steps=5, apgd_steps=5, square_queries=40, pgd_restarts=2,
-                          n_test=60,
-                          sweep_eps=[0.0], sweep_n_test=20, fig2_images=0, verbose=False, splits=digits)
+    res = evaluate_models({"Standard": (standard, {"method": "standard"})},
+                          EvalConfig(dataset="digits", eps=[0.1], out=str(tmp_path), attack_steps=5, apgd_steps=5,
+                                     square_queries=40, pgd_restarts=2, n_test=60, sweep_eps=[0.0], sweep_n_test=20,
+                                     fig2_images=0, verbose=False), splits=digits)
     r = res["models"]["Standard"]["budgets"]["all"]["paths"]["mu"]
     assert res["settings"]["square_queries"] == 40
     assert r["worst"]["0.1"] <= min(r["pgd"]["0.1"], r["apgd"]["0.1"], r["square"]["0.1"]) + 1e-9
@@ -240,9 +240,10 @@ def test_checkpoint_roundtrip_and_cli(tmp_path):
     ckpt = out["checkpoint"]
     vae = train(TrainConfig(method="vae_urkle", dataset="digits", out_dir=str(tmp_path / "vae"), epochs=1,
                             max_steps=2, batch_size=64, pgd_steps=1, progress=False, log_every=1000))["checkpoint"]
-    res = evaluate_checkpoints({"Standard": ckpt, "VAE+Urkle": vae}, dataset="digits", eps_list=[0.0, 0.1],
-                               out_dir=str(tmp_path / "ev"), label_budgets=("all", 50), attack_steps=3, apgd_steps=3,
-                               n_test=30, sweep_eps=[0.0, 0.5], sweep_n_test=20, head_epochs=2, verbose=False)
+    res = evaluate_checkpoints({"Standard": ckpt, "VAE+Urkle": vae},
+                               EvalConfig(dataset="digits", eps=[0.0, 0.1], out=str(tmp_path / "ev"),
+                                          label_budgets=["all", 50], attack_steps=3, apgd_steps=3, n_test=30,
+                                          sweep_eps=[0.0, 0.5], sweep_n_test=20, head_epochs=2, verbose=False))
     assert res["models"]["Standard"]["kind"] == "supervised"
     assert res["models"]["Standard"]["checkpoint"] == ckpt
     assert res["models"]["VAE+Urkle"]["kind"] == "representation"
@@ -258,16 +259,16 @@ def test_checkpoint_roundtrip_and_cli(tmp_path):
 
 def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
-        load_checkpoint(str(tmp_path / "missing.pt"))
+        load_eval_model(str(tmp_path / "missing.pt"))
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes(b"this is not a torch checkpoint\x00\x01")
     with pytest.raises(CheckpointError, match="corrupt"):
-        evaluate_checkpoints({"x": str(bad)}, dataset="digits", eps_list=[0.1], out_dir=str(tmp_path / "o"))
+        evaluate_checkpoints({"x": str(bad)}, EvalConfig(dataset="digits", eps=[0.1], out=str(tmp_path / "o")))
     with pytest.raises(ValueError, match="unknown dataset"):
-        evaluate_checkpoints({"x": str(bad)}, dataset="svhn", eps_list=[0.1], out_dir=str(tmp_path / "o"))
+        evaluate_checkpoints({"x": str(bad)}, EvalConfig(dataset="svhn", eps=[0.1], out=str(tmp_path / "o")))
     with pytest.raises(FileNotFoundError):
-        evaluate_checkpoints({"x": str(tmp_path / "nope.pt")}, dataset="digits", eps_list=[0.1],
-                             out_dir=str(tmp_path / "o"))
+        evaluate_checkpoints({"x": str(tmp_path / "nope.pt")}, EvalConfig(dataset="digits", eps=[0.1],
+                                                                         out=str(tmp_path / "o")))
     # the command line turns them into one-line errors with exit status 2
     assert cli(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert cli(["--checkpoint", str(bad), "--dataset", "digits"]) == 2
@@ -318,9 +319,10 @@ def test_evaluate_a_checkpoint_on_an_imagefolder_tree(tmp_path, data_root):
     ck = train(TrainConfig(dataset="folder", data_root=str(root), arch="resnet18", image_size=32, d_z=16,
                            proj_hidden=32, proj_dim=16, batch_size=16, epochs=1, max_steps=2, pgd_steps=1,
                            progress=False, out_dir=str(tmp_path / "run"), num_workers=0))["checkpoint"]
-    res = evaluate_checkpoints({"urkle": ck}, dataset="folder", eps_list=[2 / 255], out_dir=str(tmp_path / "ev"),
-                               attack_steps=2, apgd_steps=0, n_test=12, samples=2, head_epochs=2, sweep_eps=[0.0],
-                               sweep_n_test=8, fig2_images=0, verbose=False, num_workers=0)
+    res = evaluate_checkpoints({"urkle": ck}, EvalConfig(dataset="folder", eps=[2 / 255], out=str(tmp_path / "ev"),
+                                                         attack_steps=2, apgd_steps=0, n_test=12, samples=2,
+                                                         head_epochs=2, sweep_eps=[0.0], sweep_n_test=8, fig2_images=0,
+                                                         verbose=False, num_workers=0))
     r = res["models"]["urkle"]["budgets"]["all"]
     assert r["n_labels"] == 48 and res["settings"]["n_test"] == 12
     for path in ("samples", "mu"):
@@ -332,14 +334,14 @@ def test_evaluate_a_checkpoint_on_an_imagefolder_tree(tmp_path, data_root):
 # ------------------------------------------------------------------------------------------------
 # evaluation over torch.distributed ranks
 
-EVAL_KW = dict(dataset="digits", eps_list=[0.2], label_budgets=("all", 100), attack_steps=1, apgd_steps=2,
+EVAL_KW = dict(dataset="digits", eps=[0.2], label_budgets=["all", 100], attack_steps=1, apgd_steps=2,
                n_test=100, samples=3, sweep_eps=[0.0, 0.1], sweep_n_test=16, head_epochs=3, batch_size=16,
                fig2_images=0, verbose=False, device="cpu", num_workers=0)
 
 
 def _eval_worker(rank, world, ckpts, out_dir):
     torch.set_num_threads(1)
-    res = evaluate_checkpoints(ckpts, out_dir=os.path.join(out_dir, "ev"), **EVAL_KW)
+    res = evaluate_checkpoints(ckpts, EvalConfig(out=os.path.join(out_dir, "ev"), **EVAL_KW))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({n: m["budgets"] for n, m in res["models"].items()} | {"sweep": {n: m["sweep"] for n, m in
                                                                               res["models"].items()}}, f)
@@ -352,9 +354,8 @@ def test_two_ranks_evaluate_as_one_process(tmp_path):
     the single-process numbers, both ranks return the same results, and only rank 0 writes files."""
     from test_distributed import _spawn
 
+    from urkle_fast.demo import DEMO
     from urkle_fast.train import TrainConfig, train
-
-    from urkle_fast.train import DEMO
 
     # models good enough that the attacks' random starts decide some predictions (so the test can fail)
     std = train(TrainConfig(method="standard", dataset="digits", out_dir=str(tmp_path / "std"), epochs=3,
@@ -363,7 +364,7 @@ def test_two_ranks_evaluate_as_one_process(tmp_path):
     vae = train(TrainConfig(method="simclr_urkle", out_dir=str(tmp_path / "urkle"), progress=False,
                             **{**DEMO, "epochs": 6, "warmup_epochs": 1, "beta_warmup_epochs": 1}))["checkpoint"]
     ckpts = {"Standard": std, "SimCLR+Urkle": vae}
-    single = evaluate_checkpoints(ckpts, out_dir=str(tmp_path / "single"), **EVAL_KW)
+    single = evaluate_checkpoints(ckpts, EvalConfig(out=str(tmp_path / "single"), **EVAL_KW))
     _spawn(_eval_worker, 2, ckpts, str(tmp_path))
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
@@ -391,7 +392,7 @@ def test_empty_shards_predict_and_encode_nothing(standard):
 
 
 def test_batch_shards_cover_every_row_once():
-    from urkle_fast.evaluation.sharding import batch_shard
+    from urkle_fast.distributed import batch_shard
 
     for n, bs, W in [(100, 16, 2), (100, 16, 3), (7, 16, 4), (0, 8, 2), (64, 16, 4)]:
         parts = [batch_shard(n, bs, r, W) for r in range(W)]
@@ -410,7 +411,8 @@ def test_torchrun_eval_cli_matches_one_process(tmp_path):
     import subprocess
     import sys
 
-    from urkle_fast.train import DEMO, TrainConfig, train
+    from urkle_fast.demo import DEMO
+    from urkle_fast.train import TrainConfig, train
 
     ck = train(TrainConfig(method="simclr_urkle", out_dir=str(tmp_path / "run"), progress=False,
                            **{**DEMO, "epochs": 4, "warmup_epochs": 1, "beta_warmup_epochs": 1}))["checkpoint"]

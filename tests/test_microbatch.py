@@ -11,12 +11,15 @@ import torch
 import torch.nn as nn
 
 from urkle_fast import methods as methods_mod
+from urkle_fast.methods import METHODS as REGISTRY, LossParams, get_method
 from urkle_fast import microbatch
 from urkle_fast.data import MultiViewAugment, as_tensors, load_dataset
 from urkle_fast.models import RepresentationModel, build_model
 from urkle_fast.train import TrainConfig, resolve_config, train
 
-METHODS = ["simclr_urkle", "simclr", "rocl", "at", "vae_urkle", "trades"]
+# every contrastive method of the registry (the gradient cache) and the per-sample families
+CONTRASTIVE = sorted(m.name for m in REGISTRY.values() if m.contrastive)
+METHODS = CONTRASTIVE + ["at", "vae_urkle", "trades"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -29,7 +32,7 @@ def _setup(method, B=10, seed=0):
     torch.manual_seed(seed)
     model = build_model(vars(cfg)).train()
     x, y = as_tensors(load_dataset("digits", split="train"), limit=B)
-    views = MultiViewAugment(methods_mod.NUM_VIEWS[method], 8, cfg.augment)(x, torch.Generator().manual_seed(seed))
+    views = MultiViewAugment(get_method(method).crops_per_image, 8, cfg.augment)(x, torch.Generator().manual_seed(seed))
     return cfg, model, views, y
 
 
@@ -39,14 +42,15 @@ def _grads(model):
 
 def _direct(model, method, views, y, cfg):
     model.zero_grad(set_to_none=True)
-    loss, metrics = methods_mod.METHODS[method](model, views, y, cfg)
+    loss, metrics = get_method(method).loss(model, views, y, LossParams.of(cfg), cfg.beta_robust)
     loss.backward()
     return loss.detach(), metrics, _grads(model)
 
 
 def _chunked(model, method, views, y, cfg, micro):
     model.zero_grad(set_to_none=True)
-    loss, metrics = microbatch.micro_batched_step(model, method, views, y, cfg, micro)
+    loss, metrics = microbatch.micro_batched_step(model, get_method(method), views, y, LossParams.of(cfg),
+                                                  cfg.beta_robust, micro)
     return loss, metrics, _grads(model)
 
 
@@ -84,8 +88,8 @@ def test_chunks_give_the_gradient_of_the_whole_batch(method, monkeypatch):
     cfg, model, views, y = _setup(method, B=10)
     _without_batch_norm(model)
 
-    def attack(objective, x, cfg, model, eot=1):  # deterministic and elementwise: chunking cannot change it
-        return (x + cfg.eps * torch.sign(torch.sin(997.0 * x + 0.3))).clamp(0, 1)
+    def attack(objective, x, hp, model, eot=1):  # deterministic and elementwise: chunking cannot change it
+        return (x + hp.eps * torch.sign(torch.sin(997.0 * x + 0.3))).clamp(0, 1)
 
     monkeypatch.setattr(methods_mod, "_attack", attack)
     monkeypatch.setattr(RepresentationModel, "sample",
@@ -99,10 +103,10 @@ def test_chunks_give_the_gradient_of_the_whole_batch(method, monkeypatch):
     for n in g_a:
         torch.testing.assert_close(g_b[n], g_a[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
     # and a chunk-local NT-Xent (plain accumulation) would NOT give that gradient: the test can fail
-    if method in microbatch.CONTRASTIVE:
+    if get_method(method).contrastive:
         model.zero_grad(set_to_none=True)
         for sl in microbatch.chunks(10, 4):
-            loss, _ = methods_mod.METHODS[method](model, views[:, sl], y[sl], cfg)
+            loss, _ = get_method(method).loss(model, views[:, sl], y[sl], LossParams.of(cfg), cfg.beta_robust)
             (loss * (sl.stop - sl.start) / 10).backward()
         wrong = _grads(model)
         assert any(not torch.allclose(wrong[n], g_a[n], atol=1e-5, rtol=1e-4) for n in g_a)
@@ -114,8 +118,8 @@ def test_chunks_argument_errors():
         with pytest.raises(ValueError, match="micro_batch must be a positive int"):
             microbatch.chunks(10, bad)
     cfg, model, views, y = _setup("simclr")
-    with pytest.raises(ValueError, match="unknown method 'byol'"):
-        microbatch.micro_batched_step(model, "byol", views, y, cfg, 4)
+    with pytest.raises(TypeError, match="must be a urkle_fast.methods.Method"):
+        microbatch.micro_batched_step(model, "simclr", views, y, LossParams.of(cfg), 0.0, 4)
 
 
 TINY = dict(dataset="digits", train_subset=96, batch_size=32, epochs=1, pgd_steps=2, warmup_epochs=1,

@@ -87,9 +87,11 @@ def test_normalisation_inside_the_model():
     torch.testing.assert_close(model.encode(x)[0], model.head(h)[0])
 
 
-def test_unknown_method_and_arch():
-    with pytest.raises(ValueError, match="unknown method"):
-        build_model(dict(_cfg("simclr"), method="byol"))
+def test_unknown_family_method_and_arch():
+    with pytest.raises(ValueError, match="unknown model family 'byol'"):
+        build_model(dict(_cfg("simclr"), family="byol"))
+    with pytest.raises(ValueError, match="unknown method 'byol'"):
+        resolve_config(TrainConfig(method="byol"))
     with pytest.raises(ValueError, match="unknown arch"):
         build_model(dict(_cfg("simclr"), arch="vit"))
     with pytest.raises(ValueError, match="needs a decoder"):

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from urkle_fast import methods as methods_mod
+from urkle_fast.methods import LossParams, Method, get_method
 from urkle_fast.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from urkle_fast.data import as_tensors, load_dataset, MultiViewAugment
 from urkle_fast.models import build_model
-from urkle_fast.train import (LARS, NonFiniteLossError, TrainConfig, compile_model, main, param_groups,
-                              resolve_config, train)
+from urkle_fast.optim import LARS, param_groups
+from urkle_fast.train import NonFiniteLossError, TrainConfig, compile_model, main, resolve_config, train
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -40,12 +41,12 @@ def test_every_method_loss_falls_on_a_fixed_batch(method):
     torch.manual_seed(0)
     model = build_model(vars(cfg)).train()
     x, y = as_tensors(load_dataset("digits", split="train"), limit=64)
-    views = MultiViewAugment(methods_mod.NUM_VIEWS[method], 8, cfg.augment)(x, torch.Generator().manual_seed(0))
+    crops = MultiViewAugment(get_method(method).crops_per_image, 8, cfg.augment)(x, torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(15):
         torch.manual_seed(1)  # same z samples and random starts each step: the objective is a fixed function
-        loss, metrics = methods_mod.METHODS[method](model, views, y, cfg)
+        loss, metrics = get_method(method).loss(model, crops, y, LossParams.of(cfg), cfg.beta_robust)
         assert loss.dtype == torch.float32 and loss.ndim == 0 and torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
@@ -155,15 +156,15 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real = methods_mod.METHODS["simclr"]
+    real = Method.loss
     calls = {"n": 0}
 
-    def poisoned(model, views, y, cfg):
+    def poisoned(self, *args):
         calls["n"] += 1
-        loss, m = real(model, views, y, cfg)
+        loss, m = real(self, *args)
         return (loss * float("nan") if calls["n"] == 6 else loss), m
 
-    monkeypatch.setitem(methods_mod.METHODS, "simclr", poisoned)
+    monkeypatch.setattr(Method, "loss", poisoned)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="step 5") as exc:
         train(TrainConfig(method="simclr", out_dir=str(out), ckpt_every=2, **TINY))
@@ -210,13 +211,14 @@ def test_trained_model_runs_compiled_with_the_same_loss(tmp_path, backend):
     model, config = load_model(r["checkpoint"])
     cfg = TrainConfig(**config)
     x, y = as_tensors(load_dataset("digits", split="test"), limit=32)
-    views = MultiViewAugment(2, 8, cfg.augment)(x, torch.Generator().manual_seed(0))
+    crops = MultiViewAugment(2, 8, cfg.augment)(x, torch.Generator().manual_seed(0))
     model.train()
+    urkle, hp = get_method("simclr_urkle"), LossParams.of(cfg)
     torch.manual_seed(0)
-    eager, _ = methods_mod.simclr_urkle(model, views, y, cfg)
+    eager, _ = urkle.loss(model, crops, y, hp, cfg.beta_robust)
     compile_model(model, backend)
     torch.manual_seed(0)
-    compiled, _ = methods_mod.simclr_urkle(model, views, y, cfg)
+    compiled, _ = urkle.loss(model, crops, y, hp, cfg.beta_robust)
     compiled.backward()
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     assert all(p.grad is not None for p in model.backbone.parameters())
@@ -275,15 +277,15 @@ def test_design_card_command_line_parses():
 
 
 def test_out_of_memory_in_a_step_says_how_to_fit(tmp_path, monkeypatch, capsys):
-    def oom(model, views, y, cfg):
+    def oom(self, *args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setitem(methods_mod.METHODS, "simclr_urkle", oom)
+    monkeypatch.setattr(Method, "loss", oom)
     rc = main(["--dataset", "digits", "--batch", "32", "--max-steps", "1", "--no-progress",
                "--out-dir", str(tmp_path / "oom")])
     err = capsys.readouterr().err
     assert rc == 4
-    assert "out of memory in the step at 32 images x 4 views per process" in err and "--micro-batch M" in err
+    assert "out of memory in the step at 32 images x 4 encoder rows each per process" in err and "--micro-batch M" in err
 
 
 def test_run_writes_training_curves(tmp_path):

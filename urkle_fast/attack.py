@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from urkle_fast import gaussian_kl, nt_xent, pgd_random_start, pgd_step_
+from urkle_fast.ops import gaussian_kl, nt_xent, pgd_random_start, pgd_step_
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
 

@@ -87,10 +87,16 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[nn.M
     Returns (model in eval mode, config dict). The model follows the protocol of urkle_fast.models:
     ``kind`` "representation" (encode / d_z / project or decode) or "supervised" (logits).
     """
+    from urkle_fast.methods import get_method
     from urkle_fast.models import build_model
 
     state = load_checkpoint(path, map_location=map_location)
     config = dict(state["config"])
+    if not config.get("family"):  # checkpoints written before configs named the model family
+        try:
+            config["family"] = get_method(config.get("method")).family
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r}: {exc}") from exc
     model = build_model(config)
     try:
         model.load_state_dict(state["model"])

@@ -22,14 +22,19 @@ class GaussianKL(nn.Module):
 
 
 class NTXent(nn.Module):
-    """``NTXent(views, temperature, denominator)(z)`` == ``nt_xent(z, ...)``."""
+    """``NTXent(views, temperature, denominator, gather_distributed)(z)`` == ``nt_xent(z, ...)``
+    (``gather_distributed=True``: over every rank's batch under torch.distributed, as lightly's
+    ``NTXentLoss(gather_distributed=True)``)."""
 
-    def __init__(self, views: int, temperature: float = 0.5, denominator: str = "all"):
+    def __init__(self, views: int, temperature: float = 0.5, denominator: str = "all", gather_distributed: bool = False):
         super().__init__()
         self.views, self.temperature, self.denominator = views, temperature, denominator
+        self.gather_distributed = gather_distributed
 
     def forward(self, z: Tensor) -> Tensor:
-        return nt_xent(z, views=self.views, temperature=self.temperature, denominator=self.denominator)
+        return nt_xent(z, views=self.views, temperature=self.temperature, denominator=self.denominator,
+                       gather_distributed=self.gather_distributed)
 
     def extra_repr(self) -> str:
-        return f"views={self.views}, temperature={self.temperature}, denominator={self.denominator!r}"
+        return (f"views={self.views}, temperature={self.temperature}, denominator={self.denominator!r}, "
+                f"gather_distributed={self.gather_distributed}")

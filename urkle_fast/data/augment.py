@@ -4,7 +4,7 @@
 [B, C, H, W] (uint8 or float in [0, 1]). Every random draw comes from the explicit generator, so a
 batch's views are a function of (seed, step): a resumed run gets the same views.
 
-Presets (chosen per dataset by ``preset_for``):
+Presets (each method names its grey and its colour preset: urkle_fast.methods.Method.presets):
 * "simclr": random resized crop (scale 0.08-1, ratio 3/4-4/3), horizontal flip, colour jitter
   (brightness 0.4, contrast 0.4, saturation 0.4, hue 0.1) with p=0.8, grayscale p=0.2 (SimCLR's
   CIFAR recipe; jitter and grayscale only for RGB).
@@ -26,13 +26,6 @@ import torch.nn.functional as F
 from .datasets import to_float01
 
 PRESETS = ("simclr", "digits", "light", "none")
-
-
-def preset_for(dataset: str, method_family: str) -> str:
-    gray = dataset in ("digits", "mnist")
-    if method_family == "contrastive":
-        return "digits" if gray else "simclr"
-    return "none" if gray else "light"
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, 1, H, W]

@@ -264,12 +264,16 @@ class DaliMultiView:
 
     views: float32 [V, B, 3, size, size] in [0, 1] on ``device``; labels: int64 [B] (ImageFolder indices).
     ``batch_size`` is per shard; ``len(loader)`` is the number of full batches per epoch on this shard.
-    ``state()`` returns a string from which ``DaliMultiView(..., checkpoint=state)`` resumes exactly.
+    ``state()`` returns a string from which ``DaliMultiView(..., checkpoint=state)`` or ``load_state(state)``
+    resumes exactly (the trainer's loader interface, urkle_fast.data.loader).
     """
 
     def __init__(self, root, batch_size: int, *, views: int = 2, size: int = 224, preset: str = "simclr",
                  device: Union[str, torch.device] = "cpu", device_id: Optional[int] = None, shard_id: int = 0,
                  num_shards: int = 1, seed: int = 0, num_threads: int = 2, checkpoint: Optional[str] = None):
+        self._init_args = dict(root=root, batch_size=batch_size, views=views, size=size, preset=preset, device=device,
+                               device_id=device_id, shard_id=shard_id, num_shards=num_shards, seed=seed,
+                               num_threads=num_threads)
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.views = _check_int("views", views, 1)
         self.size = _check_int("size", size, 1)
@@ -373,6 +377,11 @@ class DaliMultiView:
                            "root": str(self.root), "num_images": self.num_images, "position": self._pos,
                            "dali_checkpoint": base64.b64encode(raw).decode("ascii")},
                           sort_keys=True)
+
+    def load_state(self, state: str) -> None:
+        """Continue exactly after the batches ``state`` (from ``state()``) had consumed: DALI restores a
+        pipeline only when it is built, so the pipeline is built again from that checkpoint."""
+        self.__init__(**self._init_args, checkpoint=state)
 
     def _parse_state(self, checkpoint) -> Tuple[bytes, dict]:
         from nvidia.dali import __version__ as dali_version

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from urkle_fast.defaults import DATASETS
+
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-DATASETS = ("digits", "mnist", "cifar10", "cifar100", "folder", "imagenet")
 
 
 class DataRootError(FileNotFoundError):

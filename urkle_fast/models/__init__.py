@@ -9,7 +9,9 @@ NCHW (pixel normalisation happens inside, so attack epsilons are in [0, 1] pixel
   VAE / AE models also ``decode(z)`` (pixel means in [0, 1]) and ``decode_logits(z)``.
 * supervised: ``logits(x) -> [B, num_classes]``; ``forward = logits``.
 
-``build_model(config)`` rebuilds a model from a training config dict (checkpoint["config"]).
+``build_model(config)`` rebuilds a model from a resolved training config dict (checkpoint["config"]):
+its ``family`` (contrastive, vae, ae or supervised: the method registry says which a method needs)
+and its architecture. Models know families, never method names.
 """
 
 from __future__ import annotations
@@ -24,19 +26,14 @@ from .heads import GaussianHead, Normalize, Projector
 
 __all__ = [
     "RepresentationModel", "SupervisedModel", "GaussianHead", "Projector", "Normalize", "build_model",
-    "METHOD_FAMILY", "DEFAULT_ARCH", "DETERMINISTIC_LOGVAR",
+    "FAMILIES", "ARCH_D_Z", "DETERMINISTIC_LOGVAR",
 ]
 
 DETERMINISTIC_LOGVAR = -20.0  # sigma = exp(-10) ~ 4.5e-5: z = mu for every practical purpose
 
-# which model each training method needs
-METHOD_FAMILY = {
-    "simclr_urkle": "contrastive", "simclr": "contrastive", "rocl": "contrastive",
-    "vae_urkle": "vae", "ae_trades": "ae",
-    "standard": "supervised", "at": "supervised", "trades": "supervised",
-}
-DEFAULT_ARCH = {"digits": "digits_conv", "mnist": "mnist_conv", "cifar10": "resnet18",
-                "cifar100": "resnet50", "folder": "resnet50", "imagenet": "resnet50"}
+FAMILIES = ("contrastive", "vae", "ae", "supervised")  # what a method needs (urkle_fast.methods.Method.family)
+# backbone -> d_z when the config leaves it open (the feature width of the ResNets; small for the conv nets)
+ARCH_D_Z = {"resnet18": 512, "resnet50": 2048, "mnist_conv": 128, "digits_conv": 64}
 
 
 def _backbone(arch: str, in_channels: int, stem: str) -> tuple[nn.Module, int]:
@@ -116,13 +113,13 @@ class SupervisedModel(nn.Module):
 
 
 def build_model(config: Mapping[str, Any]) -> nn.Module:
-    """Build the model a training config describes (keys: method, arch, stem, in_channels,
+    """Build the model a resolved training config describes (keys: family, arch, stem, in_channels,
     num_classes, d_z, variance, sigma_min, proj_hidden, proj_dim, pixel_mean, pixel_std)."""
-    method = config["method"]
-    if method not in METHOD_FAMILY:
-        raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHOD_FAMILY)}")
-    family = METHOD_FAMILY[method]
-    arch = config.get("arch") or DEFAULT_ARCH[config["dataset"]]
+    family = config.get("family")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES} (a resolved training config "
+                         f"names it; see urkle_fast.train.resolve_config)")
+    arch = config["arch"]
     in_ch = int(config.get("in_channels", 3))
     mean, std = config["pixel_mean"], config["pixel_std"]
     backbone, feat_dim = _backbone(arch, in_ch, config.get("stem", "cifar"))
@@ -135,7 +132,8 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
         return RepresentationModel(backbone, feat_dim, d_z, mean, std, projector=proj, **kw)
     decoders = {"mnist_conv": MNISTDecoder, "digits_conv": DigitsDecoder}
     if arch not in decoders:
-        raise ValueError(f"method {method!r} needs a decoder; available for arch mnist_conv or digits_conv, not {arch!r}")
+        raise ValueError(f"model family {family!r} needs a decoder; available for arch mnist_conv or digits_conv, "
+                         f"not {arch!r}")
     decoder = decoders[arch](d_z, in_ch)
     return RepresentationModel(backbone, feat_dim, d_z, mean, std, decoder=decoder,
                                deterministic=(family == "ae"), **kw)

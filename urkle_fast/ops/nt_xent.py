@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from urkle_fast import _backend
+from urkle_fast import distributed as udist
 from urkle_fast.ops._checks import check_choice, check_finite, check_number, check_tensor
 
 DENOMINATORS = {"all": 0, "negatives": 1}
@@ -160,19 +161,46 @@ def check_nt_xent_args(fn: str, z: Tensor, views, temperature, denominator) -> t
     return N, B, d
 
 
-def nt_xent(z: Tensor, *, views: int, temperature: float = 0.5, denominator: str = "all") -> Tensor:
+def nt_xent(z: Tensor, *, views: int, temperature: float = 0.5, denominator: str = "all",
+            gather_distributed: bool = False) -> Tensor:
     """Multi-positive NT-Xent (SPEC section 4) of V views of B images.
 
     Args:
         z: [V, B, d] or view-major [V*B, d] (row v*B + b is view v of image b); float32, bfloat16,
             float16 (float64 runs the reference). Any strides.
         views: V >= 2. temperature: tau > 0. denominator: "all" (SimCLR for V=2) or "negatives" (Eq. 9).
+        gather_distributed: under torch.distributed, the loss over the GLOBAL batch (as lightly's
+            ``NTXentLoss(gather_distributed=True)``): this rank's rows against every rank's columns.
+            Every rank passes the same B. Returns this rank's mean over its rows, so the mean over
+            ranks is ``nt_xent`` of the concatenated global batch (rank-major within each view) and
+            DDP's gradient averaging gives its exact gradient. No effect in a single process.
     Returns:
         float32 scalar ``1/(N (V-1)) * sum_i sum_{p in P(i)} [log D_i - s_ip]``.
     """
-    N, _, d = check_nt_xent_args(_FN, z, views, temperature, denominator)
+    N, b, d = check_nt_xent_args(_FN, z, views, temperature, denominator)
     check_finite(_FN, {"z": z})
+    if gather_distributed and udist.is_distributed():
+        return _nt_xent_global(z, views, float(temperature), DENOMINATORS[denominator], N, b, d)
     z2 = z.reshape(N, d)
     loss_rows, _ = torch.ops.urkle_fast.nt_xent_fwd(z2, z2, views, float(temperature),
                                                     DENOMINATORS[denominator], 0)
     return loss_rows.sum() / (N * (views - 1))
+
+
+def _nt_xent_global(z: Tensor, views: int, temperature: float, den: int, N_local: int, b: int, d: int) -> Tensor:
+    """The rows of this rank against the columns of every rank (docs/KERNEL_CONTRACT.md, row offset).
+
+    The columns are all-gathered with a gradient (urkle_fast.distributed.all_gather_with_grad, whose
+    backward sums every rank's column gradient); one fused-op call per view block, since a rank's rows
+    are V separate runs of the global view-major order [V, W * b, d]."""
+    W, r = udist.world_size(), udist.rank()
+    z3 = z.reshape(views, b, d)
+    # [W * V * b, d] in rank order -> the global view-major order [V, W * b, d]
+    cols = udist.all_gather_with_grad(z3.reshape(N_local, d)).view(W, views, b, d).transpose(0, 1)
+    cols = cols.reshape(W * N_local, d)
+    B = W * b
+    total = z.new_zeros((), dtype=torch.float32)
+    for v in range(views):
+        loss_rows, _ = torch.ops.urkle_fast.nt_xent_fwd(z3[v], cols, views, temperature, den, v * B + r * b)
+        total = total + loss_rows.sum()
+    return total / (N_local * (views - 1))

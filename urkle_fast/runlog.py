@@ -1,0 +1,86 @@
+"""What a training run tells the outside world: metrics.jsonl, TensorBoard, the progress bar, curves.png.
+
+One object so that the loop makes one call per step. Every rank calls ``step``: on logging steps the
+metrics are averaged over ranks (a collective); only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from urkle_fast import distributed as udist
+
+
+class RunLog:
+    def __init__(self, out_dir: Path, *, main_rank: bool, log_every: int, start_step: int, end_step: int,
+                 desc: str, progress: bool = True, tensorboard: bool = False, resumed: bool = False):
+        self.out_dir, self.main_rank, self.log_every, self.end_step = out_dir, main_rank, log_every, end_step
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.file = self.writer = None
+        if main_rank:
+            if resumed and self.metrics_path.exists():
+                # drop records logged after the checkpoint we resume from: they are about to be redone
+                keep = [ln for ln in self.metrics_path.read_text().splitlines()
+                        if ln.strip() and json.loads(ln)["step"] <= start_step]
+                self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+            self.file = open(self.metrics_path, "a")
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                    self.writer = SummaryWriter(str(out_dir / "tb"))
+                except ImportError:
+                    print("tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
+        from tqdm.auto import tqdm
+
+        self.pbar = tqdm(total=end_step, initial=start_step, disable=not (progress and main_rank), unit="step",
+                         dynamic_ncols=True, desc=desc)
+        self.t_last, self.n_images = time.perf_counter(), 0
+
+    def step(self, step: int, epoch: int, loss: float, lr: float, metrics: dict, images: int) -> None:
+        """After optimiser step ``step`` (1-based): every ``log_every`` steps and at the end, one record."""
+        self.n_images += images
+        if step % self.log_every == 0 or step == self.end_step:
+            names = sorted(metrics)
+            values = udist.all_reduce_mean(torch.stack([metrics[k].detach().float() for k in names])) if names else []
+            dt = time.perf_counter() - self.t_last
+            rec = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "img_per_s": self.n_images / max(dt, 1e-9),
+                   **{k: float(v) for k, v in zip(names, values)}}
+            self.t_last, self.n_images = time.perf_counter(), 0
+            if self.main_rank:
+                self.file.write(json.dumps(rec) + "\n")
+                self.file.flush()
+                if self.writer is not None:
+                    for k, v in rec.items():
+                        if k not in ("step", "epoch"):
+                            self.writer.add_scalar(k, v, step)
+                self.pbar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+        self.pbar.update(1)
+
+    def close(self, title: Optional[str] = None, label: str = "") -> None:
+        """Flush and close; with a title, draw <out_dir>/curves.png (rank 0), the curves labelled ``label``."""
+        self.pbar.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            if title is not None:
+                plot_curves({label: str(self.metrics_path)}, str(self.out_dir / "curves.png"), title)
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_curves(runs: dict, path: str, title: str) -> Optional[str]:
+    """Training curves PNG (urkle_fast.evaluation.plots); skipped with a note when nothing is logged yet
+    or matplotlib is missing - a plot never fails a run."""
+    try:
+        from urkle_fast.evaluation.plots import plot_training_curves
+
+        return plot_training_curves(runs, path, title)
+    except (ImportError, ValueError, FileNotFoundError) as exc:
+        print(f"training curves not plotted: {exc}", file=sys.stderr)
+        return None

@@ -36,7 +36,7 @@ def test_dali_run_resumes_exactly(tmp_path):
     train(TrainConfig(out_dir=str(tmp_path / "part"), max_steps=2, **RUN))
     part = train(TrainConfig(out_dir=str(tmp_path / "part"), max_steps=4, resume="auto", **RUN))
     a, b = _weights(full["checkpoint"]), _weights(part["checkpoint"])
-    assert a["config"]["loader"] == "dali" and len(a["dali_ranks"]) == 1
+    assert a["config"]["loader"] == "dali" and len(a["loader_ranks"]) == 1
     assert a["step"] == b["step"] == 4
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     # and the run did learn something: the weights moved
@@ -82,5 +82,5 @@ def test_dali_shards_under_torchrun(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ck = _weights(tmp_path / "checkpoint.pt")
-    assert ck["world_size"] == 2 and ck["step"] == 2 and len(ck["dali_ranks"]) == 2
-    assert ck["dali_ranks"][0] != ck["dali_ranks"][1]  # each rank's own shard and position
+    assert ck["world_size"] == 2 and ck["step"] == 2 and len(ck["loader_ranks"]) == 2
+    assert ck["loader_ranks"][0] != ck["loader_ranks"][1]  # each rank's own shard and position

@@ -2,7 +2,7 @@
 
 ``MultiViewAugment(views=2, size=32, preset="simclr")(x, generator) -> [V, B, C, S, S]``, x a batch
 [B, C, H, W] (uint8 or float in [0, 1]). Every random draw comes from the explicit generator, so a
-batch's views are a function of (seed, step): a resumed run gets the same views.
+batch's crops are a function of (seed, step): a resumed run gets the same crops.
 
 Presets (each method names its grey and its colour preset: urkle_fast.methods.Method.presets):
 * "simclr": random resized crop (scale 0.08-1, ratio 3/4-4/3), horizontal flip, colour jitter

@@ -1,9 +1,9 @@
 """NVIDIA DALI multi-view loader for ImageFolder JPEG trees (root/<class>/<image>), for the SimCLR trainer.
 
 ``DaliMultiView(root, batch_size, views=2, size=224, preset="simclr", device="cpu")`` reads, decodes and
-augments in a DALI pipeline; iterating over it yields one epoch of ``(views, labels)``:
+augments in a DALI pipeline; iterating over it yields one epoch of ``(crops, labels)``:
 
-* ``views``: float32 ``[V, B, 3, size, size]`` in [0, 1] (CHW) on ``device``;
+* ``crops``: float32 ``[V, B, 3, size, size]`` in [0, 1] (CHW) on ``device``;
 * ``labels``: int64 ``[B]`` on ``device``, equal to ``torchvision.datasets.ImageFolder(root)``'s class
   indices (DALI's ``fn.readers.file`` numbers the class folders in sorted order, as ImageFolder does;
   the same file extensions as ImageFolder are read, case-insensitively).
@@ -49,7 +49,7 @@ does not use ``LastBatchPolicy.DROP`` with ``reader_name="Reader"``, the iterato
 in DALI 2.4 it delivers a whole batch of padding in the next epoch when the shards differ in size and
 ``num_images // num_shards`` is a multiple of ``batch_size`` (e.g. 41 images, 2 shards, batch 4). So the
 ``DALIGenericIterator`` runs as an endless stream and the epochs are counted here. Each pass
-``for views, labels in loader`` is one epoch (a pass that stops early is continued by the next one); the
+``for crops, labels in loader`` is one epoch (a pass that stops early is continued by the next one); the
 next pass is the next epoch, reshuffled. The pipeline seed is derived from ``(seed, shard_id)``: same
 seed, same batches; shards get different augmentation draws (the shard split does not depend on the seed).
 
@@ -260,9 +260,9 @@ def _scan_root(root) -> Tuple[Path, list, int]:
 
 
 class DaliMultiView:
-    """DALI multi-view loader: ``for views, labels in loader`` is one epoch of full batches.
+    """DALI multi-view loader: ``for crops, labels in loader`` is one epoch of full batches.
 
-    views: float32 [V, B, 3, size, size] in [0, 1] on ``device``; labels: int64 [B] (ImageFolder indices).
+    crops: float32 [V, B, 3, size, size] in [0, 1] on ``device`` (V = ``views``); labels: int64 [B] (ImageFolder indices).
     ``batch_size`` is per shard; ``len(loader)`` is the number of full batches per epoch on this shard.
     ``state()`` returns a string from which ``DaliMultiView(..., checkpoint=state)`` or ``load_state(state)``
     resumes exactly (the trainer's loader interface, urkle_fast.data.loader).
@@ -350,9 +350,9 @@ class DaliMultiView:
         while self._pos < self._len:
             out = next(self._it)[0]
             self._pos += 1
-            views = torch.stack([out[k] for k in self._outputs[:-1]])
+            crops = torch.stack([out[k] for k in self._outputs[:-1]])
             labels = out["label"].reshape(-1).to(device=self.device, dtype=torch.int64, non_blocking=True)
-            yield views, labels
+            yield crops, labels
 
     @property
     def num_classes(self) -> int:

@@ -64,7 +64,9 @@ def forever(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def folder_root(ds) -> Optional[str]:
-    """The ImageFolder tree behind ``ds`` (what DALI can read), or None."""
+    """The ImageFolder tree behind ``ds`` (what DALI can read; through a --train-subset), or None."""
+    if isinstance(ds, torch.utils.data.Subset):
+        ds = ds.dataset
     inner = getattr(ds, "inner", None)
     return getattr(inner, "root", None) if not isinstance(ds, InMemoryDataset) else None
 

@@ -16,17 +16,17 @@
 #include "cpu/vec_kernels.h"
 
 TORCH_LIBRARY(urkle_fast, m) {
-  // Gaussian KL (SPEC section 2). reduction: 0 none -> [B], 1 sum -> [], 2 mean -> []; float32 out.
+  // Gaussian KL (docs/MATH.md section 2). reduction: 0 none -> [B], 1 sum -> [], 2 mean -> []; float32 out.
   m.def("gaussian_kl_fwd_native(Tensor mu_p, Tensor logvar_p, Tensor mu_q, Tensor logvar_q, int reduction) "
         "-> Tensor");
   m.def("gaussian_kl_bwd_native(Tensor grad, Tensor mu_p, Tensor logvar_p, Tensor mu_q, Tensor logvar_q, "
         "int reduction) -> (Tensor, Tensor, Tensor, Tensor)");
-  // PGD steps (SPEC section 3), in place on x_adv.
+  // PGD steps (docs/MATH.md section 3), in place on x_adv.
   m.def("pgd_step_linf_native_(Tensor(a!) x_adv, Tensor grad, Tensor x_orig, float alpha, float eps, "
         "float lo, float hi) -> ()");
   m.def("pgd_step_l2_native_(Tensor(a!) x_adv, Tensor grad, Tensor x_orig, float alpha, float eps, "
         "float lo, float hi) -> ()");
-  // Multi-view NT-Xent (SPEC section 4): rows of this call vs all gathered columns.
+  // Multi-view NT-Xent (docs/MATH.md section 4): rows of this call vs all gathered columns.
   m.def("nt_xent_fwd_native(Tensor z_rows, Tensor z_cols, int views, float temperature, int denominator, "
         "int row_offset) -> (Tensor loss_rows, Tensor lse)");
   m.def("nt_xent_bwd_native(Tensor grad_rows, Tensor z_rows, Tensor z_cols, Tensor lse, int views, "

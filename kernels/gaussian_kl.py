@@ -1,4 +1,4 @@
-"""Triton kernels for the Gaussian KL (SPEC section 2, docs/KERNEL_CONTRACT.md "Gaussian KL").
+"""Triton kernels for the Gaussian KL (docs/MATH.md section 2, docs/KERNEL_CONTRACT.md "Gaussian KL").
 
     KL_b = 1/2 * sum_d [(lq - lp) + exp(lp - lq) + (mp - mq)^2 * exp(-lq) - 1]
 

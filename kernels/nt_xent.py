@@ -1,4 +1,4 @@
-"""Triton kernels for multi-view NT-Xent (SPEC section 4, docs/KERNEL_CONTRACT.md "Multi-view NT-Xent").
+"""Triton kernels for multi-view NT-Xent (docs/MATH.md section 4, docs/KERNEL_CONTRACT.md "Multi-view NT-Xent").
 
 Rows ``z_rows [n, d]`` (global row ``gi = row_offset + i``) against columns ``z_cols [N, d]``, view-major,
 ``B = N / V`` images. ``s_ik = u_i . u_k / tau`` with ``u = z / max(||z||, 1e-12)``.

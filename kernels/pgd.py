@@ -1,4 +1,4 @@
-"""Triton kernels for the PGD step (SPEC section 3, docs/KERNEL_CONTRACT.md "PGD").
+"""Triton kernels for the PGD step (docs/MATH.md section 3, docs/KERNEL_CONTRACT.md "PGD").
 
 * l_inf: ``x = clamp(clamp(x + alpha*sign(g), x0 - eps, x0 + eps), lo, hi)`` in place, one pass over memory.
 * l2: per sample (index of dim 0) ``x += alpha * g / ||g||``, project ``x - x0`` onto the eps ball, clip.

@@ -161,7 +161,7 @@ def test_ddp_keeps_every_rank_on_the_same_weights(tmp_path, micro_batch):
     assert all(torch.equal(w0[k], w1[k]) for k in params)
     if micro_batch:  # rank 0's batch-norm statistics are broadcast after every step, as DDP does
         assert all(torch.equal(w0[k], w1[k]) for k in w0)
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng_ranks"]) == 2 and ckpt["step"] == 3
     assert all(torch.equal(ckpt["model"][k], w0[k]) for k in params)
     # the weights moved: an untrained model differs
@@ -181,7 +181,7 @@ def _torchrun(out_dir, *extra, nproc=2, timeout=300, check=True):
 
 
 def _weights(path):
-    return torch.load(path, weights_only=False)["model"]
+    return torch.load(path, weights_only=True)["model"]
 
 
 @pytest.mark.slow
@@ -211,10 +211,10 @@ def test_sigterm_to_torchrun_leaves_a_checkpoint_that_resumes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert "received SIGTERM: saved" in err, err[-3000:]
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] >= 2 and ckpt["world_size"] == 2
     _torchrun(out, "--max-steps", str(ckpt["step"] + 1), "--resume")
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == ckpt["step"] + 1
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == ckpt["step"] + 1
 
 
 def test_global_batch_must_divide_over_the_processes(tmp_path):

@@ -241,7 +241,7 @@ def test_checkpoint_roundtrip_and_cli(tmp_path):
     vae = train(TrainConfig(method="vae_urkle", dataset="digits", out_dir=str(tmp_path / "vae"), epochs=1,
                             max_steps=2, batch_size=64, pgd_steps=1, progress=False, log_every=1000))["checkpoint"]
     res = evaluate_checkpoints({"Standard": ckpt, "VAE+Urkle": vae},
-                               EvalConfig(dataset="digits", eps=[0.0, 0.1], out=str(tmp_path / "ev"),
+                               EvalConfig(dataset="digits", eps=[0.05, 0.1], out=str(tmp_path / "ev"),
                                           label_budgets=["all", 50], attack_steps=3, apgd_steps=3, n_test=30,
                                           sweep_eps=[0.0, 0.5], sweep_n_test=20, head_epochs=2, verbose=False))
     assert res["models"]["Standard"]["kind"] == "supervised"
@@ -249,7 +249,7 @@ def test_checkpoint_roundtrip_and_cli(tmp_path):
     assert res["models"]["VAE+Urkle"]["kind"] == "representation"
     assert res["models"]["VAE+Urkle"]["budgets"]["50"]["n_labels"] == 50
     r = res["models"]["VAE+Urkle"]["budgets"]["all"]["paths"]["samples"]
-    assert set(r["pgd"]) == {"0.0", "0.1"} and 0.0 <= r["both"]["0.1"] <= r["pgd"]["0.1"]
+    assert set(r["pgd"]) == {"0.05", "0.1"} and 0.0 <= r["both"]["0.1"] <= r["pgd"]["0.1"]
     assert (tmp_path / "ev" / "zspace_VAE_Urkle.png").is_file()
     cli = main(["--checkpoint", ckpt, "--name", "Std", "--eps", "0.1", "--out", str(tmp_path / "cli"),
                 "--attack-steps", "2", "--apgd-steps", "0", "--n-test", "20", "--no-plots"])

@@ -1,4 +1,4 @@
-"""The model protocol eval relies on, and the architectures of SPEC sec 1."""
+"""The model protocol eval relies on, and the architectures of docs/MATH.md sec 1."""
 
 import pytest
 import torch

@@ -25,7 +25,7 @@ def _z(V, B, d, dtype=torch.float32, device="cpu", seed=0):
 
 
 def _loop_formula(z, V, tau, denominator):
-    """SPEC section 4 written as plain loops over rows, float64."""
+    """docs/MATH.md section 4 written as plain loops over rows, float64."""
     N = z.shape[0] * z.shape[1]
     B = N // V
     u = [row / row.norm() for row in z.reshape(N, -1).double()]

@@ -28,7 +28,7 @@ def _needs_data():
 
 
 def _weights(path):
-    return torch.load(path, weights_only=False)
+    return torch.load(path, weights_only=True)
 
 
 def test_dali_run_resumes_exactly(tmp_path):

@@ -7,7 +7,7 @@ During the attack the model is in eval mode and its parameters do not require gr
 input gradient is computed (torch.autograd.grad w.r.t. x_adv); both are restored afterwards.
 
 Objective builders compute everything that depends on the clean input once, detached:
-``urkle_kl`` (KL[p(z|x) || p(z|x_adv)], SPEC sec 5), ``rocl_nt_xent``, ``cross_entropy``,
+``urkle_kl`` (KL[p(z|x) || p(z|x_adv)], docs/MATH.md sec 5), ``rocl_nt_xent``, ``cross_entropy``,
 ``trades_kl``, ``ae_recon``. With a stochastic objective (it samples z), ``eot=n`` averages the
 input gradient over n evaluations (expectation over transformation).
 """

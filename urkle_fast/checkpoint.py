@@ -7,8 +7,10 @@ cuda states) and format_version.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -30,17 +32,25 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically: temp file in the same directory, fsync, os.replace.
+def checkpoint_bytes(state: Mapping[str, Any]) -> bytes:
+    """``state`` serialised now (a snapshot: the tensors are copied, training may go on), for ``save_checkpoint``."""
+    buf = io.BytesIO()
+    torch.save(dict(state, format_version=FORMAT_VERSION), buf)
+    return buf.getvalue()
 
-    A crash at any moment leaves either the previous checkpoint or the new one, never a torn file.
+
+def save_checkpoint(state: Mapping[str, Any] | bytes, path: str | os.PathLike) -> Path:
+    """Write ``state`` (or its ``checkpoint_bytes``) to ``path`` atomically: temp file in the same directory,
+    fsync, os.replace. A crash at any moment leaves either the previous checkpoint or the new one, never a
+    torn file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = state if isinstance(state, bytes) else checkpoint_bytes(state)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state, format_version=FORMAT_VERSION), f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -60,15 +70,29 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Read and validate a checkpoint; raise CheckpointError with the path and the reason."""
+    """Read and validate a checkpoint; raise CheckpointError with the path and the reason.
+
+    Loaded with ``weights_only=True``: tensors and plain data (dicts, lists, numbers, strings) only, so
+    a file that carries pickled code (an object whose ``__reduce__`` runs a command) is refused, never
+    executed. urkle_fast writes nothing else (random states are stored as tensors and tuples)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        # weights_only=False: the checkpoint holds python/numpy RNG states; only load files you trust
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError,
-            AttributeError, ImportError, IndexError, KeyError, TypeError) as exc:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:  # a pickled reference to a Python callable or class, not corruption
+            raise CheckpointError(
+                f"refusing to load checkpoint {str(path)!r}: it references {found.group(1)}, which could run code when "
+                f"unpickled; urkle_fast checkpoints hold only tensors and plain data. Load only files you trust, and "
+                f"not with this tool") from exc
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "Unsupported" in ln or "load key" in ln), lines[0] if lines else "")
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or truncated and cannot be loaded "
+                              f"({type(exc).__name__}: {detail}); use an earlier checkpoint or retrain") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, ImportError, IndexError,
+            KeyError, TypeError) as exc:
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt or truncated and cannot be loaded "
             f"({type(exc).__name__}: {exc}); use an earlier checkpoint or retrain"
@@ -79,6 +103,37 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             f"{str(path)!r} is not an urkle_fast checkpoint: expected keys {list(REQUIRED_KEYS)}, got {got}"
         )
     return state
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """``path`` holds either its old text or ``text``, never a torn file (config.json)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that killed writes (kill -9, power loss) left next to checkpoints; returns them."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def non_finite_entries(state_dict: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` holding NaN or inf."""
+    return [k for k, v in state_dict.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[nn.Module, dict]:

@@ -64,3 +64,20 @@ def config_from(cls: type, ns: argparse.Namespace) -> Any:
         if f.name in values and values[f.name] is None and f.default_factory is not dataclasses.MISSING:
             values[f.name] = f.default_factory()
     return cls(**values)
+
+
+def given_fields(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> set[str]:
+    """The fields whose flags appear in ``argv`` (parsed again with every default suppressed)."""
+    quiet = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:  # argparse has no public copy; the actions are its documented parts
+        if action.option_strings and action.dest != "help":
+            kw = dict(dest=action.dest, default=argparse.SUPPRESS)
+            if isinstance(action, argparse.BooleanOptionalAction):
+                quiet.add_argument(*action.option_strings, action=argparse.BooleanOptionalAction, **kw)
+            elif action.nargs == 0:
+                quiet.add_argument(*action.option_strings, action="store_const", const=action.const, **kw)
+            else:
+                quiet.add_argument(*action.option_strings, nargs=action.nargs, const=action.const,
+                                   action="append" if isinstance(action, argparse._AppendAction) else "store", **kw)
+    ns, _ = quiet.parse_known_args(argv)
+    return set(vars(ns))

@@ -32,7 +32,9 @@ def run_demo(out_dir: str = "runs/digits-demo", seed: int = 0, progress: bool = 
     t0 = time.perf_counter()
     ckpts = {}
     for method in DEMO_METHODS:
-        cfg = TrainConfig(method=method, out_dir=str(Path(out_dir) / method), seed=seed, progress=progress, **DEMO)
+        # if-exists: an interrupted default job continues where it stopped, a finished one is only re-evaluated
+        cfg = TrainConfig(method=method, out_dir=str(Path(out_dir) / method), seed=seed, progress=progress,
+                          resume="if-exists", **DEMO)
         ckpts[method] = train(cfg)["checkpoint"]
     print(f"training took {time.perf_counter() - t0:.1f} s")
     curves = plot_curves({m: str(Path(out_dir) / m / "metrics.jsonl") for m in ckpts},

@@ -1,4 +1,4 @@
-"""``python -m urkle_fast.eval``: robust accuracy of frozen representations (SPEC sec. 7).
+"""``python -m urkle_fast.eval``: robust accuracy of frozen representations (docs/PROTOCOL.md sec. 7).
 
 For every checkpoint: train the downstream head on the frozen representation (one z per input,
 no adversarial training; supervised baselines are used as they are), then measure accuracy on
@@ -17,9 +17,11 @@ from Python.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -32,11 +34,12 @@ from . import distributed as udist
 from .attack import frozen
 from .checkpoint import CheckpointError, load_model
 from .cli import config_from, opt, parser_for
-from .data import to_float01
+from .data import INFO, to_float01
 from .defaults import DATASETS, defaults_for, help_for
 from .evaluation.attacks import robust_accuracy
 from .evaluation.datasets import Split, load_split
-from .evaluation.probe import ProbabilisticClassifier, balanced_subset, encode_dataset, parse_budget, predict, train_head
+from .evaluation.probe import (ProbabilisticClassifier, balanced_subset, encode_dataset, make_head, parse_budget, predict,
+                               train_head)
 from .evaluation.report import markdown_table, write_outputs
 
 
@@ -118,6 +121,59 @@ class _Job:
     @property
     def out(self) -> Optional[str]:  # rank 0 writes
         return self.cfg.out if self.main else None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate(cfg: EvalConfig) -> None:
+    """Every setting's range and the output folder, before any work; the message names the flag."""
+    defaults_for(cfg.dataset)
+    for e in cfg.eps or ():
+        if not (isinstance(e, (int, float)) and math.isfinite(e) and 0 < e <= 1):
+            raise ValueError(f"--eps must be in (0, 1] (pixels in [0, 1]), got {e!r}")
+    for e in cfg.sweep_eps or ():
+        if not (isinstance(e, (int, float)) and math.isfinite(e) and 0 <= e <= 1):
+            raise ValueError(f"--sweep-eps must be in [0, 1], got {e!r}")
+    for name in ("samples", "pgd_restarts", "eot_iter", "batch_size", "n_test", "sweep_n_test", "head_epochs"):
+        v = getattr(cfg, name)
+        if v is not None and not (isinstance(v, int) and v >= 1):
+            raise ValueError(f"{_flag(name)} must be an integer >= 1, got {v!r}")
+    for name in ("attack_steps", "apgd_steps", "square_queries", "fig2_images", "num_workers"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)!r}")
+    for name in ("head_lr", "alpha", "bounded_M"):
+        v = getattr(cfg, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{_flag(name)} must be a positive number, got {v!r}")
+    for b in cfg.label_budgets:
+        parse_budget(b)
+    if cfg.out is not None:
+        if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+            raise ValueError(f"--out {cfg.out!r} is a file; the evaluation writes a folder (table.md, results.json, "
+                             f"PNGs): choose another --out")
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+            with tempfile.TemporaryFile(dir=cfg.out):
+                pass
+        except OSError as exc:
+            raise ValueError(f"--out {cfg.out!r} is not a writable folder ({exc})") from None
+
+
+def check_models_match(models: dict, dataset: str) -> None:
+    """A model trained on another dataset, channel count or (in-memory datasets) image size is refused."""
+    info = INFO[dataset]
+    for name, (_, config) in models.items():
+        trained = config.get("dataset")
+        if trained and trained != dataset and not {trained, dataset} <= {"folder", "imagenet"}:
+            raise ValueError(f"{name}: the checkpoint was trained on {trained!r}, not --dataset {dataset!r}")
+        ch, size = config.get("in_channels"), config.get("image_size")
+        if ch is not None and ch != info.in_channels:
+            raise ValueError(f"{name}: the model takes {ch}-channel images, --dataset {dataset!r} has {info.in_channels}")
+        if size is not None and dataset not in ("folder", "imagenet") and size != info.image_size:
+            raise ValueError(f"{name}: the model was trained at {size} pixels, --dataset {dataset!r} images are "
+                             f"{info.image_size}")
 
 
 def _resolve(cfg: EvalConfig) -> EvalConfig:
@@ -219,9 +275,13 @@ def _representation(job: _Job, name: str, model: nn.Module, entry: dict, curves:
             warnings.warn(f"{name}: {exc}; budget skipped", stacklevel=2)
             entry["budgets"][str(b)] = dict(skipped=str(exc))
             continue
-        h = train_head(mu_tr[idx], lv_tr[idx], train.y[idx], num_classes=train.num_classes, head_kind=c.head,
-                       epochs=c.head_epochs, lr=c.head_lr, seed=c.seed, desc=f"{name} head {b}") if job.main else None
-        h = udist.broadcast_module(h).to(job.device)
+        if job.main:
+            h = train_head(mu_tr[idx], lv_tr[idx], train.y[idx], num_classes=train.num_classes, head_kind=c.head,
+                           epochs=c.head_epochs, lr=c.head_lr, seed=c.seed, desc=f"{name} head {b}")
+        else:  # the architecture only (without touching the global random stream): rank 0's weights follow
+            with torch.random.fork_rng(devices=[]):
+                h = make_head(c.head, model.d_z, train.num_classes).eval()
+        h = udist.broadcast_module(h.to(job.device))
         paths = {}
         for path in ("samples", "mu"):
             clf = ProbabilisticClassifier(model, h, path=path, samples=c.samples, bounded_M=c.bounded_M,
@@ -252,9 +312,6 @@ def _plots(job: _Job, name: str, model: nn.Module, curves: dict) -> list[str]:
 def _evaluate_one(job: _Job, name: str, model: nn.Module, config: dict, checkpoint: Optional[str]) -> dict:
     c = job.cfg
     t0 = time.time()
-    cfg_ds = config.get("dataset")
-    if cfg_ds and cfg_ds != c.dataset:
-        warnings.warn(f"{name}: checkpoint was trained on {cfg_ds!r}, evaluating on {c.dataset!r}", stacklevel=2)
     entry: dict[str, Any] = dict(kind=model.kind, method=config.get("method"), config=config, checkpoint=checkpoint,
                                  budgets={})
     curves: dict[str, dict] = {}
@@ -290,6 +347,8 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], cfg: EvalConfig, 
     Under torchrun (a process group started by the caller) every rank evaluates its share."""
     if cfg.dataset is None:
         raise ValueError("dataset: required (EvalConfig.dataset or --dataset)")
+    validate(cfg)
+    check_models_match(models, cfg.dataset)
     job = _prepare(models, _resolve(cfg), splits)
     c = job.cfg
     results: dict[str, Any] = dict(dataset=c.dataset, eps_list=c.eps, sweep_eps=c.sweep_eps,
@@ -358,7 +417,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if os.environ.get("RANK", "0") not in ("", "0"):
         os.environ["TQDM_DISABLE"] = "1"  # under torchrun, progress bars from rank 0 only
     if cfg.dataset is not None:
-        defaults_for(cfg.dataset)
+        validate(cfg)  # bad flags fail before any checkpoint is read (evaluate_models checks again, cheaply)
     udist.init_distributed(cfg.device or "auto")
     loaded = load_models(cfg.checkpoint, cfg.name)
     return _evaluate_loaded(loaded, dict(zip(loaded, cfg.checkpoint)), cfg)

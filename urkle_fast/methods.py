@@ -1,4 +1,4 @@
-"""Every training method of the paper as one object, in one registry (SPEC sec 5).
+"""Every training method of the paper as one object, in one registry (docs/MATH.md sec 5).
 
 A ``Method`` carries its own facts: the model family it needs, how many augmented crops of each
 image its loss takes, its default beta_robust, its augmentation presets, and its loss. Adding a

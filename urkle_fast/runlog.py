@@ -25,11 +25,9 @@ class RunLog:
         self.file = self.writer = None
         if main_rank:
             if resumed and self.metrics_path.exists():
-                # drop records logged after the checkpoint we resume from: they are about to be redone
-                keep = [ln for ln in self.metrics_path.read_text().splitlines()
-                        if ln.strip() and json.loads(ln)["step"] <= start_step]
-                self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
-            self.file = open(self.metrics_path, "a")
+                self._keep_until(start_step)
+            # a fresh start never appends to another run's records (train.setup refuses or --overwrite clears them)
+            self.file = open(self.metrics_path, "a" if resumed else "w")
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -41,6 +39,24 @@ class RunLog:
         self.pbar = tqdm(total=end_step, initial=start_step, disable=not (progress and main_rank), unit="step",
                          dynamic_ncols=True, desc=desc)
         self.t_last, self.n_images = time.perf_counter(), 0
+
+    def _keep_until(self, step: int) -> None:
+        """Drop the records logged after the checkpoint we resume from (they are about to be redone) and
+        any line a kill -9 or a full disk left torn."""
+        keep, torn = [], 0
+        for ln in self.metrics_path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(ln)
+            except ValueError:
+                torn += bool(ln.strip())
+                continue
+            if isinstance(rec, dict) and rec.get("step", step + 1) <= step:
+                keep.append(ln)
+        if torn:
+            print(f"{self.metrics_path}: dropped {torn} torn line(s)", file=sys.stderr)
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        tmp.replace(self.metrics_path)
 
     def step(self, step: int, epoch: int, loss: float, lr: float, metrics: dict, images: int) -> None:
         """After optimiser step ``step`` (1-based): every ``log_every`` steps and at the end, one record."""

@@ -36,14 +36,16 @@ import torch
 import torch.nn as nn
 
 from urkle_fast import distributed as udist
-from urkle_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap
-from urkle_fast.cli import config_from, opt, parser_for
-from urkle_fast.data import INFO, DataRootError, InMemoryDataset, load_dataset, num_classes_of
+from urkle_fast.checkpoint import (CheckpointError, checkpoint_bytes, load_checkpoint, load_model, non_finite_entries,
+                                   remove_stale_temp_files, save_checkpoint, unwrap, write_text_atomic)
+from urkle_fast.cli import config_from, given_fields, opt, parser_for
+from urkle_fast.data import INFO, BadImageError, DataRootError, InMemoryDataset, load_dataset, num_classes_of
 from urkle_fast.data.loader import forever, make_train_loader, resolve_loader
 from urkle_fast.defaults import DATASETS, defaults_for, help_for
 from urkle_fast.methods import METHODS, LossParams, Method, get_method
 from urkle_fast.microbatch import micro_batched_step
 from urkle_fast.models import ARCH_D_Z, build_model
+from urkle_fast.ops._checks import NonFiniteInputError
 from urkle_fast.optim import beta_ramp, make_optimizer, warmup_cosine
 from urkle_fast.runlog import RunLog
 
@@ -117,6 +119,13 @@ class TrainConfig:
     resume: Optional[str] = opt(None, "resume from PATH, or from <out_dir>/checkpoint.pt when given without a path; "
                                 "'if-exists': from that file when present, else start (for relaunched jobs)",
                                 nargs="?", const="auto")
+    overwrite: bool = opt(False, "start afresh in an --out-dir that holds another run (its checkpoint and metrics are "
+                          "deleted); without it such a start is refused")
+    skip_bad_images: bool = opt(False, "an unreadable image file is logged and replaced by the next readable one "
+                                "(default: stop with an error naming the file)")
+    dist_timeout: float = opt(300.0, "seconds a collective waits for a lost torchrun peer before failing")
+    diverge_factor: float = opt(1e6, "a loss this many times the first loss of the process counts as divergence "
+                                "(exit 3, like NaN / inf: weights can explode while the loss stays finite); 0: off")
     progress: bool = opt(True, "progress bar")
     tensorboard: bool = opt(False, "also log to <out_dir>/tb")
     # filled in by resolve_config (saved, so that load_model needs nothing else)
@@ -129,9 +138,16 @@ class TrainConfig:
     pixel_std: Optional[list] = opt(None, cli=False)
 
 
-# fields that may change when resuming (they do not change what is computed)
-RUNTIME_FIELDS = ("out_dir", "resume", "progress", "num_workers", "ckpt_every", "log_every", "tensorboard",
-                  "max_steps", "device", "compile", "compile_backend", "threads", "dist_backend")
+# On --resume the checkpoint's config defines the run. These fields always come from the command line: they
+# change how the run executes, not what it computes.
+RUNTIME_FIELDS = ("out_dir", "resume", "overwrite", "progress", "num_workers", "ckpt_every", "log_every", "tensorboard",
+                  "max_steps", "device", "compile", "compile_backend", "threads", "dist_backend", "dist_timeout",
+                  "diverge_factor")
+# These come from the command line when given there, else from the checkpoint: where the data is and how it is
+# read or chunked, and the base lr (lowering it is how a diverged run is continued). Every other flag given
+# with --resume must agree with the checkpoint, or the resume is refused with the flags named.
+APPLIED_ON_RESUME = ("data_root", "loader", "micro_batch", "skip_bad_images", "base_lr")
+FILLED_FIELDS = ("family", "in_channels", "num_classes", "pixel_mean", "pixel_std")  # resolve_config's
 
 
 class StepOutOfMemoryError(RuntimeError):
@@ -139,7 +155,53 @@ class StepOutOfMemoryError(RuntimeError):
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN / inf; the run stopped before the optimiser step, checkpoints untouched."""
+    """The loss, an op's input or the parameters became NaN / inf; the run stopped and the last good
+    checkpoint is left as it was."""
+
+
+class RunFinished(Exception):
+    """--resume on a run that has reached its last step: nothing to do (the checkpoint is not touched)."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every flag's range, before any work; the message names the flag."""
+    def need(ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{_flag(name)} must be {what}, got {getattr(cfg, name)!r}")
+
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+    if cfg.eps is not None:
+        need(finite(cfg.eps) and 0 <= cfg.eps <= 1, "eps", "a number in [0, 1] (pixels in [0, 1])")
+    for name in ("base_lr", "temperature", "sigma_min"):
+        need(finite(getattr(cfg, name)) and getattr(cfg, name) > 0, name, "a positive number")
+    for name in ("momentum", "weight_decay", "trust_coef", "warmup_epochs", "beta_vae"):
+        need(finite(getattr(cfg, name)) and getattr(cfg, name) >= 0, name, "a number >= 0")
+    for name in ("pgd_alpha", "beta_robust", "beta_warmup_epochs"):
+        if getattr(cfg, name) is not None:
+            need(finite(getattr(cfg, name)) and getattr(cfg, name) >= 0, name, "a number >= 0")
+    for name in ("log_every", "eot"):
+        need(getattr(cfg, name) >= 1, name, "an integer >= 1")
+    for name in ("ckpt_every", "pgd_steps", "num_workers"):
+        need(getattr(cfg, name) >= 0, name, "an integer >= 0")
+    for name in ("threads", "train_subset", "max_steps", "epochs", "batch_size", "micro_batch", "d_z", "image_size",
+                 "proj_hidden", "proj_dim"):
+        if getattr(cfg, name) is not None:
+            need(getattr(cfg, name) >= 1, name, "an integer >= 1")
+    need(finite(cfg.dist_timeout) and cfg.dist_timeout > 0, "dist_timeout", "a positive number of seconds")
+    need(finite(cfg.diverge_factor) and cfg.diverge_factor >= 0, "diverge_factor", "a number >= 0")
+    if cfg.resume not in (None, "auto", "if-exists") and not Path(cfg.resume).is_file():
+        raise ValueError(f"--resume {cfg.resume!r}: no such checkpoint file")
+    out = Path(cfg.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / ".write-test", "")
+        (out / ".write-test").unlink()
+    except OSError as exc:
+        raise ValueError(f"--out-dir {cfg.out_dir!r} is not a writable folder ({exc})") from None
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
@@ -189,6 +251,8 @@ class Run:
     amp: bool = False
     channels_last: bool = False
     micro: Optional[int] = None
+    saved_step: int = 0  # the step of the checkpoint on disk
+    pending: Optional[tuple] = None  # (step, bytes) of a deferred checkpoint (see save)
 
     @property
     def ckpt_path(self) -> Path:
@@ -214,7 +278,10 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and tuples (what a weights_only checkpoint can hold)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                      int(has_gauss), float(gauss)), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -222,7 +289,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -237,22 +305,49 @@ def compile_model(model: nn.Module, backend: str) -> None:
             sub.compile(backend=backend, dynamic=False)
 
 
+def _given(cfg: TrainConfig) -> set[str]:
+    """The fields set on the command line (parse_args records them), else those that differ from the defaults."""
+    given = getattr(cfg, "_given", None)
+    if given is not None:
+        return set(given)
+    defaults = TrainConfig()
+    return {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+
+
 def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, Optional[dict]]:
-    """(the config to run, the checkpoint to continue from or None). Everything that defines the
-    computation comes from the checkpoint; RUNTIME_FIELDS from the command line."""
-    ckpt_path = Path(cfg.out_dir) / "checkpoint.pt"
+    """(the config to run, the checkpoint to continue from or None), refusing what would lose or mix runs."""
+    out = Path(cfg.out_dir)
+    ckpt_path, metrics = out / "checkpoint.pt", out / "metrics.jsonl"
     if cfg.resume == "if-exists" and not ckpt_path.exists():
-        cfg = dataclasses.replace(cfg, resume=None)
+        cfg = dataclasses.replace(cfg, resume=None, overwrite=True)  # a requeued job killed before its first save
     if not cfg.resume:
+        held = [p.name for p in (ckpt_path, metrics) if p.exists() and p.stat().st_size > 0]
+        if held and not cfg.overwrite:
+            raise ValueError(f"--out-dir {str(out)!r} already holds a run ({', '.join(held)}): continue it with "
+                             f"--resume (or --resume if-exists), start it afresh with --overwrite, or choose another "
+                             f"--out-dir")
         return cfg, None
     state = load_checkpoint(ckpt_path if cfg.resume in ("auto", "if-exists") else Path(cfg.resume))
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = {k: v for k, v in state["config"].items() if k in known}
-    return TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS}}), state
+    given = _given(cfg) - set(RUNTIME_FIELDS) - set(FILLED_FIELDS)
+    differ = {k: (saved.get(k), getattr(cfg, k)) for k in sorted(given) if getattr(cfg, k) != saved.get(k)}
+    refused = {k: v for k, v in differ.items() if k not in APPLIED_ON_RESUME}
+    if refused:
+        shown = ", ".join(f"{_flag(k)} {new!r} (checkpoint: {old!r})" for k, (old, new) in refused.items())
+        raise ValueError(f"--resume continues the checkpoint's run, and these flags would change what it computes: "
+                         f"{shown}. Drop them, or start a new run (another --out-dir, or --overwrite)")
+    applied = {k: v for k, v in differ.items() if k in APPLIED_ON_RESUME}
+    for k, (old, new) in applied.items():
+        print(f"resume: applying {_flag(k)} {new!r} (checkpoint: {old!r})", file=sys.stderr)
+    merged = {**saved, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS}, **{k: new for k, (_, new) in applied.items()}}
+    return TrainConfig(**merged), state
 
 
 def _train_dataset(cfg: TrainConfig):
     ds = load_dataset(cfg.dataset, cfg.data_root, "train", image_size=cfg.image_size)
+    if hasattr(ds, "skip_bad_images"):
+        ds.skip_bad_images = cfg.skip_bad_images
     if cfg.train_subset:
         if isinstance(ds, InMemoryDataset):
             ds = InMemoryDataset(ds.images[: cfg.train_subset], ds.labels[: cfg.train_subset], ds.classes)
@@ -276,6 +371,7 @@ def _model(cfg: TrainConfig, ctx: udist.DistContext, sync_bn: bool) -> nn.Module
 def setup(cfg: TrainConfig) -> Run:
     """Data, model, optimiser, schedule, loader and log of a run, restored from its checkpoint when
     resuming. Under torchrun the process group must exist already (main() starts it)."""
+    validate(cfg)
     cfg, resume = _load_resume(cfg)
     cfg = resolve_config(cfg)
     ctx, method = udist.context(cfg.device), get_method(cfg.method)
@@ -299,6 +395,11 @@ def setup(cfg: TrainConfig) -> Run:
                                states=resume.get("loader_ranks") if resume is not None else None)
     spe = len(loader)
     total_steps = cfg.epochs * spe
+    end_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    if resume is not None and step >= end_step:
+        more = (f"pass --max-steps up to {total_steps} to continue" if end_step < total_steps
+                else "its schedule has ended")
+        raise RunFinished(f"nothing to do: {cfg.out_dir}/checkpoint.pt is at step {step} of {end_step} ({more})")
     model = _model(cfg, ctx, (on_cuda and world > 1) if cfg.sync_bn is None else cfg.sync_bn)
     if world > 1:  # the same initial weights on every rank; from here on each rank draws its own noise
         seed_everything(cfg.seed + 7919 * rank)
@@ -308,7 +409,7 @@ def setup(cfg: TrainConfig) -> Run:
     optimizer = make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(int(cfg.warmup_epochs * spe), total_steps))
     if resume is not None:
-        _restore(resume, model, optimizer, scheduler, ctx)
+        _restore(resume, model, optimizer, scheduler, ctx, cfg)
     if on_cuda if cfg.compile is None else cfg.compile:
         compile_model(model, cfg.compile_backend)
     local_batch = cfg.batch_size // world
@@ -323,19 +424,27 @@ def setup(cfg: TrainConfig) -> Run:
     out_dir = Path(cfg.out_dir)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    end_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+        if resume is None:  # a fresh start (--overwrite, or a requeued job that never saved): the old run goes
+            for name in ("checkpoint.pt", "metrics.jsonl", "curves.png"):
+                (out_dir / name).unlink(missing_ok=True)
+        remove_stale_temp_files(out_dir)  # left by writes that a kill -9 interrupted
+        write_text_atomic(out_dir / "config.json", json.dumps(asdict(cfg), indent=2))
     log = RunLog(out_dir, main_rank=ctx.is_main, log_every=cfg.log_every, start_step=step, end_step=end_step,
                  desc=f"{cfg.method}/{cfg.dataset}" + (f" x{world}" if world > 1 else ""), progress=cfg.progress,
                  tensorboard=cfg.tensorboard, resumed=resume is not None)
     return Run(cfg, ctx, method, model, step_module, optimizer, scheduler, loader, log, spe, end_step, step,
-               amp=on_cuda if cfg.amp is None else cfg.amp, channels_last=channels_last, micro=micro)
+               amp=on_cuda if cfg.amp is None else cfg.amp, channels_last=channels_last, micro=micro, saved_step=step)
 
 
-def _restore(state: dict, model, optimizer, scheduler, ctx: udist.DistContext) -> None:
+def _restore(state: dict, model, optimizer, scheduler, ctx: udist.DistContext, cfg: TrainConfig) -> None:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    lr = cfg.base_lr * cfg.batch_size / 256
+    if scheduler.base_lrs and lr != scheduler.base_lrs[0]:  # --base-lr given with --resume: the schedule continues
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+        for g in optimizer.param_groups:
+            g["initial_lr"], g["lr"] = lr, lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
     saved_ranks = state.get("rng_ranks") or [state["rng"]]
     if len(saved_ranks) == ctx.world_size:
         set_rng_state(saved_ranks[ctx.rank])
@@ -344,19 +453,45 @@ def _restore(state: dict, model, optimizer, scheduler, ctx: udist.DistContext) -
               f"schedule continue exactly, the random streams (z samples, random starts) do not", file=sys.stderr)
 
 
-def save(run: Run, loss: Optional[float]) -> Path:
-    """A collective: every rank contributes its random and loader state; rank 0 writes, atomically."""
+def save(run: Run, loss: Optional[float], *, deferred: bool = False) -> Path:
+    """A collective: every rank contributes its random and loader state; rank 0 writes, atomically.
+
+    A model holding NaN / inf is never written (NonFiniteLossError). ``deferred``: the periodic checkpoints.
+    Their weights have not yet been through a forward pass, and a diverging run can produce huge but finite
+    weights that only the next step turns into NaN. So the snapshot is taken now and written by
+    ``write_pending`` once the next step's loss is finite; a run that diverges keeps its last good checkpoint."""
+    bad = non_finite_entries(unwrap(run.model).state_dict())
+    if udist.all_reduce_mean(torch.tensor([float(bool(bad))], device=run.ctx.device))[0] > 0:
+        raise NonFiniteLossError(
+            f"the model holds NaN / inf at step {run.step} ({', '.join(bad[:3]) or 'on another rank'}); the checkpoint "
+            f"was not written, the last good one is {run.ckpt_path if run.ckpt_path.exists() else 'none yet'} (step "
+            f"{run.saved_step}). Resume it with a lower --base-lr, or lower --beta-robust / raise --sigma-min")
     rng_ranks = udist.gather_objects(rng_state())
     loader_ranks = udist.gather_objects(run.loader.state())
+    run.pending = None
     if run.ctx.is_main:
-        save_checkpoint({
+        snapshot = checkpoint_bytes({
             "config": asdict(run.cfg), "model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "step": run.step, "epoch": run.step // run.spe,
             "rng": rng_ranks[0], "rng_ranks": rng_ranks, "loader_ranks": loader_ranks, "world_size": run.ctx.world_size,
-            "loss": loss, "torch_version": torch.__version__,
-        }, run.ckpt_path)
-    udist.barrier()
+            "loss": loss, "torch_version": str(torch.__version__),
+        })
+        if deferred:
+            run.pending = (run.step, snapshot)
+        else:
+            save_checkpoint(snapshot, run.ckpt_path)
+    if not deferred:
+        udist.barrier()
+        run.saved_step = run.step
     return run.ckpt_path
+
+
+def write_pending(run: Run) -> None:
+    """The deferred checkpoint, now that a finite loss has been computed from its weights (rank 0 writes)."""
+    if run.pending is not None:
+        run.saved_step, snapshot = run.pending
+        save_checkpoint(snapshot, run.ckpt_path)
+        run.pending = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,6 +515,11 @@ def forward_backward(run: Run, crops: torch.Tensor, labels: torch.Tensor, hp: Lo
             loss, metrics = run.step_module(crops, labels, hp, beta)
         loss.backward()
         return loss.detach(), metrics
+    except NonFiniteInputError as exc:
+        raise NonFiniteLossError(
+            f"non-finite values inside step {run.step} of {run.cfg.method} ({exc}): the model diverged. The last good "
+            f"checkpoint is left as it was: {run.ckpt_path if run.ckpt_path.exists() else 'none was written yet'}. "
+            f"Resume it with a lower --base-lr, or lower --beta-robust / raise --sigma-min") from exc
     except torch.OutOfMemoryError as exc:
         n = run.micro or crops.shape[1]
         raise StepOutOfMemoryError(
@@ -387,6 +527,33 @@ def forward_backward(run: Run, crops: torch.Tensor, labels: torch.Tensor, hp: Lo
             f"({run.cfg.arch}, {run.cfg.image_size} px): pass --micro-batch M with M < {n} (the gradient stays "
             f"that of the whole batch), or start more processes (torchrun --nproc-per-node). "
             f"{str(exc).splitlines()[0]}") from exc
+
+
+def _exploded(loss: float, first: float, factor: float) -> bool:
+    return factor > 0 and math.isfinite(first) and abs(loss) > factor * max(abs(first), 1e-3)
+
+
+def _finished(cfg: TrainConfig, note: str) -> dict:
+    """train()'s result for a run that is already complete; the checkpoint is read, not written."""
+    path = Path(cfg.out_dir) / "checkpoint.pt" if cfg.resume in ("auto", "if-exists") else Path(cfg.resume)
+    state = load_checkpoint(path)
+    if udist.rank() == 0:
+        print(note, file=sys.stderr)
+    return {"checkpoint": str(path), "step": int(state["step"]), "loss": state.get("loss"), "interrupted": None,
+            "model": load_model(path)[0], "finished": True}
+
+
+def _save_on_error(run: Run, loss: Optional[float]) -> None:
+    """An unexpected error in the loop: keep the last completed step (one process only: a collective save
+    cannot run when one rank has failed)."""
+    if run.ctx.world_size > 1 or run.step <= run.saved_step:
+        return
+    try:
+        path = save(run, loss)
+        print(f"error at step {run.step}: saved the last completed step to {path}; fix the cause and continue "
+              f"with --resume", file=sys.stderr)
+    except Exception as exc:  # the original error is the one to report
+        print(f"error at step {run.step}; the last completed step could not be saved either ({exc})", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -410,9 +577,12 @@ def train(cfg: TrainConfig) -> dict:
     Under torchrun every process calls this (after urkle_fast.distributed.init_distributed): DDP over a
     MethodStep, the global NT-Xent, rank 0 writes checkpoints and metrics. Raises DataRootError,
     CheckpointError, NonFiniteLossError, StepOutOfMemoryError, ValueError with clear messages."""
-    run = setup(cfg)
+    try:
+        run = setup(cfg)
+    except RunFinished as done:
+        return _finished(cfg, str(done))
     cfg, hp = run.cfg, LossParams.of(run.cfg)
-    last_loss: Optional[float] = None
+    last_loss = first_loss = None
     stopping = False  # every rank agrees on it (all-reduced with the loss each step)
     run.model.train()
     with stop_signals() as signalled:
@@ -425,22 +595,30 @@ def train(cfg: TrainConfig) -> dict:
                 loss, metrics = forward_backward(run, crops, labels, hp, beta)
                 # one small all-reduce: the mean loss over ranks and whether any rank was signalled
                 last_loss, stopping = udist.loss_and_stop(loss, signalled["signum"] is not None)
-                if not math.isfinite(last_loss):
+                first_loss = last_loss if first_loss is None else first_loss
+                if not math.isfinite(last_loss) or _exploded(last_loss, first_loss, cfg.diverge_factor):
                     raise NonFiniteLossError(
-                        f"loss is {last_loss} at step {run.step} (epoch {epoch}) of {cfg.method} on {cfg.dataset}; "
+                        f"loss is {last_loss:.4g} at step {run.step} (epoch {epoch}) of {cfg.method} on {cfg.dataset}"
+                        f" (the first step's: {first_loss:.4g}); "
                         f"stopped before the optimiser step. The last good checkpoint is left as it was: "
                         f"{run.ckpt_path if run.ckpt_path.exists() else 'none was written yet'}. Lower --base-lr "
                         f"or --beta-robust, or raise --sigma-min")
+                write_pending(run)  # the weights of the last periodic checkpoint gave a finite loss
                 run.optimizer.step()
                 run.scheduler.step()
                 run.step += 1
                 run.log.step(run.step, epoch, last_loss, run.scheduler.get_last_lr()[0], metrics, cfg.batch_size)
                 if cfg.ckpt_every and run.step % cfg.ckpt_every == 0:
-                    save(run, last_loss)
+                    save(run, last_loss, deferred=True)
                 stopping = stopping or (run.ctx.world_size == 1 and signalled["signum"] is not None)
                 if run.step >= run.end_step or stopping:
                     break
             path = save(run, last_loss)
+        except NonFiniteLossError:
+            raise  # the model may be bad: the last good checkpoint stays
+        except Exception:
+            _save_on_error(run, last_loss)
+            raise
         finally:
             run.log.close(f"{cfg.method} on {cfg.dataset}, batch {cfg.batch_size}"
                           + (f", {run.ctx.world_size} processes" if run.ctx.world_size > 1 else ""), label=cfg.method)
@@ -457,8 +635,11 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
+    """The config of the flags; ``cfg._given`` records which fields the command line set (--resume checks them)."""
     p = parser_for(TrainConfig, "python -m urkle_fast.train", __doc__.split("\n\n")[0])
-    return config_from(TrainConfig, p.parse_args(argv))
+    cfg = config_from(TrainConfig, p.parse_args(argv))
+    cfg._given = given_fields(p, argv)
+    return cfg
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -469,16 +650,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             return demo_main([a for a in argv if a != "--demo"])
         cfg = parse_args(argv)
-        udist.init_distributed(cfg.device, cfg.dist_backend)
+        udist.init_distributed(cfg.device, cfg.dist_backend, timeout_s=cfg.dist_timeout)
         result = train(cfg)
     except (DataRootError, CheckpointError, NonFiniteLossError, StepOutOfMemoryError, ValueError) as exc:
-        print(f"error: {exc}" if udist.rank() == 0 else f"error (rank {udist.rank()}): {exc}", file=sys.stderr)
+        msg = exc.summary if isinstance(exc, BadImageError) else str(exc)
+        print(f"error: {msg}" if udist.rank() == 0 else f"error (rank {udist.rank()}): {msg}", file=sys.stderr)
         return {NonFiniteLossError: 3, StepOutOfMemoryError: 4}.get(type(exc), 2)
     finally:
         udist.shutdown()
     if result["interrupted"] is not None:
         return 128 + int(result["interrupted"])
-    if os.environ.get("RANK", "0") == "0":  # the process group is gone by now
+    if os.environ.get("RANK", "0") == "0" and not result.get("finished"):  # the process group is gone by now
         print(f"done: {result['step']} steps, last loss {result['loss']:.4f}, checkpoint {result['checkpoint']}")
     return 0
 

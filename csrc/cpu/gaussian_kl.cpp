@@ -1,4 +1,4 @@
-// Gaussian KL, CPU: one pass over the four [B, D] inputs per direction (SPEC section 2,
+// Gaussian KL, CPU: one pass over the four [B, D] inputs per direction (docs/MATH.md section 2,
 // docs/KERNEL_CONTRACT.md). Rows are split across threads; each row is one vectorised float32 sum.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -1,4 +1,4 @@
-// Multi-view NT-Xent, CPU (SPEC section 4, docs/KERNEL_CONTRACT.md), without the [n, N] logits.
+// Multi-view NT-Xent, CPU (docs/MATH.md section 4, docs/KERNEL_CONTRACT.md), without the [n, N] logits.
 //
 // Rows are normalised once into float32 U (O(N d) extra). Each thread owns blocks of kRowBlock rows and
 // walks the columns in tiles of kColTile: a tile of logits S = U_rows U_cols^T / tau ([rows, cols],

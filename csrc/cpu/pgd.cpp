@@ -1,4 +1,4 @@
-// PGD steps, CPU, in place on x_adv (SPEC section 3, docs/KERNEL_CONTRACT.md).
+// PGD steps, CPU, in place on x_adv (docs/MATH.md section 3, docs/KERNEL_CONTRACT.md).
 //
 // The three tensors are walked as one flat range of memory whenever they share a dense layout
 // (contiguous, channels_last or any other permutation): an elementwise step does not care about the

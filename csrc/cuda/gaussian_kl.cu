@@ -1,4 +1,4 @@
-// Gaussian KL, CUDA (SPEC section 2, docs/KERNEL_CONTRACT.md). Forward: one warp per row, 16-byte
+// Gaussian KL, CUDA (docs/MATH.md section 2, docs/KERNEL_CONTRACT.md). Forward: one warp per row, 16-byte
 // loads, float32 row sums, then ATen's sum for the reduction. Backward: one elementwise pass writing
 // the four gradients. Compiled only when setup.py finds nvcc (URKLE_FAST_WITH_CUDA).
 #include <ATen/core/Tensor.h>

@@ -1,4 +1,4 @@
-// PGD steps, CUDA, in place on x_adv (SPEC section 3, docs/KERNEL_CONTRACT.md).
+// PGD steps, CUDA, in place on x_adv (docs/MATH.md section 3, docs/KERNEL_CONTRACT.md).
 //
 // l_inf: one elementwise pass over the flat memory when the three tensors share a dense layout
 // (contiguous, channels_last, ...), else on contiguous copies copied back into x_adv.

@@ -10,6 +10,7 @@ the training device, in urkle_fast.data.augment (the seam where a DALI pipeline 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -25,6 +26,17 @@ SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 class DataRootError(FileNotFoundError):
     """The data root is missing or not laid out as the dataset expects."""
+
+
+class BadImageError(ValueError):
+    """An image file cannot be decoded (truncated, corrupt); the message names the file."""
+
+    @property
+    def summary(self) -> str:
+        """The message without the DataLoader worker's traceback that re-raising in the main process adds."""
+        lines = [ln for ln in str(self).splitlines() if ln.strip()]
+        last = lines[-1] if lines else ""
+        return last.split("BadImageError: ", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -137,14 +149,26 @@ class FolderDataset(Dataset):
         self.classes = self.inner.classes
         self.transform = T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size)])
         self.size = size
+        self.skip_bad_images = False  # the trainer's --skip-bad-images
 
     def __len__(self) -> int:
         return len(self.inner)
 
     def __getitem__(self, i):
+        for j in range(len(self.inner)):  # the next readable image stands in for a bad one (--skip-bad-images)
+            path, label = self.inner.samples[(i + j) % len(self.inner)]
+            try:
+                return self._decode(path), label
+            except Exception as exc:  # PIL raises many types for truncated / corrupt files
+                if not self.skip_bad_images:
+                    raise BadImageError(f"cannot decode image {path!r} ({type(exc).__name__}: {exc}); fix or remove "
+                                        f"the file, or pass --skip-bad-images to train past unreadable images") from exc
+                print(f"skipping unreadable image {path!r} ({type(exc).__name__}: {exc})", file=sys.stderr)
+        raise BadImageError(f"no readable image in {len(self.inner)} files under {self.inner.root!r}")
+
+    def _decode(self, path: str) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as TF
 
-        path, label = self.inner.samples[i]
         img = self.inner.loader(path)
         if hasattr(img, "draft"):  # JPEG: decode at a reduced DCT scale that still covers the target size
             img.draft("RGB", (self.size, self.size))
@@ -152,7 +176,7 @@ class FolderDataset(Dataset):
         x = TF.pil_to_tensor(img)
         if x.shape[-2:] != (self.size, self.size):
             x = self.transform(x)
-        return x, label
+        return x
 
 
 def _split_dir(root: Path, split: str) -> Path:

@@ -1,4 +1,4 @@
-"""White-box attacks of the evaluation protocol (SPEC sec. 7), l_inf, pixels in [0, 1].
+"""White-box attacks of the evaluation protocol (docs/PROTOCOL.md sec. 7), l_inf, pixels in [0, 1].
 
 * ``pgd_linf``: random start, K steps of sign-gradient ascent on the cross-entropy of the
   classifier's (averaged) prediction, through the trainer's engine ``urkle_fast.attack.pgd``

@@ -95,7 +95,7 @@ def plot_training_curves(runs: dict[str, str], path: str, title: str = "") -> st
 
 
 def urkle_adversary(model, x: torch.Tensor, *, eps: float, steps: int = 20, alpha=None, seed: int = 0) -> torch.Tensor:
-    """Unsupervised adversary of SPEC sec. 5: argmax_{x'} KL[p(z|x) || p(z|x')], p(z|x) fixed."""
+    """Unsupervised adversary of docs/MATH.md sec. 5: argmax_{x'} KL[p(z|x) || p(z|x')], p(z|x) fixed."""
     from urkle_fast.attack import pgd, urkle_kl
 
     return pgd(urkle_kl(model, x), x, eps=eps, alpha=eps / 10 if alpha is None else alpha, steps=steps,

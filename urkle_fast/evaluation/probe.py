@@ -1,6 +1,6 @@
 """Downstream head on a frozen representation, and the averaged prediction of paper Eq. 1.
 
-SPEC sec. 7: the head is trained without adversarial training on the frozen encoder, with one
+docs/PROTOCOL.md sec. 7: the head is trained without adversarial training on the frozen encoder, with one
 z ~ p(z|x) per input (a fresh sample each epoch); prediction averages the head's class
 probabilities over S samples of z, and the deterministic z = mu path is reported beside it.
 """

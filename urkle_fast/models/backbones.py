@@ -2,7 +2,7 @@
 
 * resnet18 / resnet50: torchvision (weights=None), fc removed; stem="cifar" swaps the 7x7/2 conv and
   the max-pool for one 3x3/1 conv (32-pixel inputs), stem="imagenet" keeps torchvision's.
-* mnist_conv: SPEC sec 1, four 3x3 convs (32, 64, 128, 128 channels; strides 1, 2, 2, 2), ReLU,
+* mnist_conv: docs/MATH.md sec 1, four 3x3 convs (32, 64, 128, 128 channels; strides 1, 2, 2, 2), ReLU,
   global average pooling -> 128 features. MNISTDecoder mirrors it with four ConvTranspose2d.
 * digits_conv: the same idea for scikit-learn's 8x8 digits (three 3x3 convs, 32/64/128).
 """

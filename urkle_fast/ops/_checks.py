@@ -57,13 +57,18 @@ def check_same(fn: str, ref_name: str, ref: torch.Tensor, others: dict, *, shape
             raise ValueError(f"{fn}: {name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
 
 
+class NonFiniteInputError(ValueError):
+    """An op was given NaN / inf values (a diverging model, usually): the trainer turns it into its
+    non-finite stop (exit 3) instead of a bad-input error."""
+
+
 def check_finite(fn: str, tensors: dict) -> None:
     if not tensors or not check_finite_enabled(next(iter(tensors.values())).device):
         return
     for name, t in tensors.items():
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"{fn}: {name} must be finite, got {bad} non-finite value(s) (NaN or inf) "
+            raise NonFiniteInputError(f"{fn}: {name} must be finite, got {bad} non-finite value(s) (NaN or inf) "
                              f"of {t.numel()}")
 
 

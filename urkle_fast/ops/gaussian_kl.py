@@ -1,7 +1,7 @@
 """Fused op 1: KL[N(mu_p, e^logvar_p) || N(mu_q, e^logvar_q)] of diagonal Gaussians, per row.
 
 reference -> registered ops (``urkle_fast::gaussian_kl``, ``urkle_fast::gaussian_kl_backward``) -> public
-``gaussian_kl()``. Formula and gradients: SPEC section 2; calling convention: docs/KERNEL_CONTRACT.md.
+``gaussian_kl()``. Formula and gradients: docs/MATH.md section 2; calling convention: docs/KERNEL_CONTRACT.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Fused op 3: multi-positive NT-Xent over V views, without the N x N logits in the fused kernels.
 
 reference -> registered ops (``urkle_fast::nt_xent_fwd``, ``urkle_fast::nt_xent_bwd``) -> public
-``nt_xent()``. SPEC section 4; calling convention (rows vs gathered columns with a row offset):
+``nt_xent()``. docs/MATH.md section 4; calling convention (rows vs gathered columns with a row offset):
 docs/KERNEL_CONTRACT.md.
 """
 
@@ -70,7 +70,7 @@ def nt_xent_rows_backward_reference(grad_rows: Tensor, z_rows: Tensor, z_cols: T
 
 
 def nt_xent_reference(z: Tensor, *, views: int, temperature: float = 0.5, denominator: str = "all") -> Tensor:
-    """Pure-torch multi-view NT-Xent of SPEC section 4 (materialises the N x N logits)."""
+    """Pure-torch multi-view NT-Xent of docs/MATH.md section 4 (materialises the N x N logits)."""
     z2 = z.reshape(-1, z.shape[-1])
     loss_rows, _ = nt_xent_rows_reference(z2, z2, views, temperature, DENOMINATORS[denominator], 0)
     return loss_rows.sum() / (z2.shape[0] * (views - 1))
@@ -163,7 +163,7 @@ def check_nt_xent_args(fn: str, z: Tensor, views, temperature, denominator) -> t
 
 def nt_xent(z: Tensor, *, views: int, temperature: float = 0.5, denominator: str = "all",
             gather_distributed: bool = False) -> Tensor:
-    """Multi-positive NT-Xent (SPEC section 4) of V views of B images.
+    """Multi-positive NT-Xent (docs/MATH.md section 4) of V views of B images.
 
     Args:
         z: [V, B, d] or view-major [V*B, d] (row v*B + b is view v of image b); float32, bfloat16,

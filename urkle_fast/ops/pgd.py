@@ -2,7 +2,7 @@
 
 reference -> registered ops (``urkle_fast::pgd_step_linf_``, ``urkle_fast::pgd_step_l2_``,
 ``urkle_fast::pgd_random_start``) -> public ``pgd_step_()`` / ``pgd_random_start()``.
-SPEC section 3; calling convention: docs/KERNEL_CONTRACT.md.
+docs/MATH.md section 3; calling convention: docs/KERNEL_CONTRACT.md.
 """
 
 from __future__ import annotations

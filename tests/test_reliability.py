@@ -1,0 +1,192 @@
+"""Nothing lost, nothing executed: checkpoints that run code are refused, runs never destroy each other,
+resume says what it applies and refuses the rest, finished runs are no-ops, divergence keeps a good
+checkpoint, bad images are named (or skipped), every flag is checked before any work."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from urkle_fast.checkpoint import CheckpointError, load_checkpoint, load_model
+from urkle_fast.eval import cli as eval_cli
+from urkle_fast.train import TrainConfig, main, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "digits", "--train-subset", "64", "--batch", "32", "--epochs", "2", "--pgd-steps", "1",
+        "--threads", "1", "--no-progress", "--log-every", "1", "--num-workers", "0"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def _run(tmp_path, *extra, out="run"):
+    return main([*TINY, "--out-dir", str(tmp_path / out), *extra])
+
+
+class _Payload:
+    """What an attacker would pickle: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_runs_code_is_refused_on_resume_and_in_eval(tmp_path, capsys):
+    assert _run(tmp_path, "--max-steps", "1") == 0
+    marker = tmp_path / "PWNED"
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    state = load_checkpoint(ckpt)
+    torch.save({**state, "rng": _Payload(marker)}, ckpt)
+    capsys.readouterr()
+    assert _run(tmp_path, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "refusing to load checkpoint" in err and "posix.system" in err
+    assert eval_cli(["--checkpoint", str(ckpt), "--out", str(tmp_path / "ev")]) == 2
+    assert "refusing to load checkpoint" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="could run code"):
+        load_model(ckpt)
+    assert not marker.exists()
+
+
+def test_an_out_dir_holding_a_run_is_refused_and_overwrite_starts_afresh(tmp_path, capsys):
+    assert _run(tmp_path, "--max-steps", "2") == 0
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert _run(tmp_path, "--max-steps", "1") == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    assert _run(tmp_path, "--max-steps", "1", "--overwrite") == 0
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1]  # not appended to the old run's records
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 1
+
+
+def test_resume_applies_runtime_flags_and_refuses_the_rest(tmp_path, capsys):
+    assert _run(tmp_path, "--max-steps", "1") == 0
+    capsys.readouterr()
+    assert _run(tmp_path, "--resume", "--eps", "0.3", "--method", "simclr", "--max-steps", "2") == 2
+    err = capsys.readouterr().err
+    assert "--eps 0.3 (checkpoint: 0.15)" in err and "--method 'simclr' (checkpoint: 'simclr_urkle')" in err
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 1  # nothing ran
+    # the default value given explicitly is still a difference from the checkpoint's
+    assert main([*TINY, "--out-dir", str(tmp_path / "run"), "--resume", "--method", "simclr_urkle",
+                 "--pgd-steps", "7"]) == 2
+    assert "--pgd-steps 7 (checkpoint: 1)" in capsys.readouterr().err
+    assert _run(tmp_path, "--resume", "--base-lr", "0.05", "--micro-batch", "16", "--max-steps", "2") == 0
+    err = capsys.readouterr().err
+    assert "applying --base-lr 0.05 (checkpoint: 0.3)" in err and "applying --micro-batch 16" in err
+    cfg = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]
+    assert cfg["base_lr"] == 0.05 and cfg["micro_batch"] == 16 and cfg["eps"] == 0.15
+
+
+def test_a_finished_run_rerun_is_a_no_op(tmp_path, capsys):
+    assert _run(tmp_path, "--max-steps", "2") == 0
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    before, mtime = ckpt.read_bytes(), ckpt.stat().st_mtime_ns
+    capsys.readouterr()
+    assert _run(tmp_path, "--max-steps", "2", "--resume", "if-exists") == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before and ckpt.stat().st_mtime_ns == mtime
+    res = train(TrainConfig(out_dir=str(tmp_path / "run"), resume="auto", max_steps=2, progress=False))
+    assert res["finished"] and res["step"] == 2 and res["model"].kind == "representation"
+
+
+def test_a_diverging_run_exits_3_and_keeps_a_good_checkpoint(tmp_path, capsys):
+    """Two healthy steps, then --base-lr 1e6: exit 3, the checkpoint on disk is the last one whose weights
+    gave a finite loss (a periodic checkpoint is written only after that), and it resumes at a sane lr."""
+    common = ["--ckpt-every", "1", "--optimizer", "sgd", "--warmup-epochs", "0", "--epochs", "8"]
+    assert _run(tmp_path, *common, "--max-steps", "2") == 0
+    capsys.readouterr()
+    assert _run(tmp_path, *common, "--resume", "--base-lr", "1e6") == 3
+    err = capsys.readouterr().err
+    assert "diverged" in err or "loss is" in err or "NaN" in err
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    weights = [v for v in state["model"].values() if v.is_floating_point()]
+    assert all(torch.isfinite(v).all() for v in weights) and max(v.abs().max().item() for v in weights) < 100
+    assert _run(tmp_path, *common, "--resume", "--base-lr", "0.1") == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 16
+
+
+def test_a_torn_metrics_line_and_stale_temp_files_are_cleaned_on_resume(tmp_path, capsys):
+    assert _run(tmp_path, "--max-steps", "1") == 0
+    run = tmp_path / "run"
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "epoch": 0, "lo')  # kill -9 mid-write
+    (run / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    assert _run(tmp_path, "--resume", "--max-steps", "2") == 0
+    assert "dropped 1 torn line" in capsys.readouterr().err
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    assert not list(run.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--eps", "1.5", "--eps must be a number in [0, 1]"), ("--eps", "nan", "--eps must be a number in [0, 1]"),
+    ("--base-lr", "0", "--base-lr must be a positive number"), ("--log-every", "0", "--log-every must be"),
+    ("--threads", "0", "--threads must be an integer >= 1"), ("--ckpt-every", "-1", "--ckpt-every must be"),
+    ("--train-subset", "0", "--train-subset must be"), ("--max-steps", "0", "--max-steps must be an integer >= 1"),
+    ("--max-steps", "-3", "--max-steps must be"), ("--micro-batch", "0", "--micro-batch must be"),
+    ("--temperature", "-1", "--temperature must be a positive number"), ("--pgd-steps", "-1", "--pgd-steps must be"),
+])
+def test_every_bad_flag_is_named_before_any_work(tmp_path, capsys, flag, value, message):
+    assert main(["--dataset", "digits", "--out-dir", str(tmp_path / "bad"), flag, value]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+def test_an_unwritable_out_dir_is_named(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["--dataset", "digits", "--out-dir", str(blocker / "sub")]) == 2
+    assert "--out-dir" in capsys.readouterr().err
+
+
+def _tree_with_a_truncated_jpeg(root, data_root):
+    src = data_root / "tiny-imagenet-100" / "train"
+    classes = sorted(p.name for p in src.iterdir())[:2]
+    for c in classes:
+        (root / "train" / c).mkdir(parents=True)
+        for f in sorted((src / c).iterdir())[:8]:
+            os.symlink(f, root / "train" / c / f.name)
+    victim = sorted((root / "train" / classes[0]).iterdir())[0]
+    data = victim.read_bytes()
+    victim.unlink()
+    victim.write_bytes(data[: len(data) // 3])  # a truncated download
+    return victim
+
+
+def test_a_truncated_jpeg_is_named_and_skipped_with_the_flag(tmp_path, data_root, capfd):
+    """(capfd: the DataLoader worker that decodes writes the skip note to the process's stderr)"""
+    victim = _tree_with_a_truncated_jpeg(tmp_path / "tree", data_root)
+    args = ["--dataset", "folder", "--data-root", str(tmp_path / "tree"), "--loader", "torch", "--num-workers", "1",
+            "--image-size", "16", "--arch", "resnet18", "--d-z", "16", "--proj-hidden", "16", "--proj-dim", "8",
+            "--batch", "16", "--epochs", "1", "--pgd-steps", "1", "--threads", "1", "--no-progress"]
+    assert main([*args, "--out-dir", str(tmp_path / "a")]) == 2
+    err = capfd.readouterr().err
+    assert victim.name in err and "--skip-bad-images" in err and err.count("\n") <= 2
+    assert main([*args, "--out-dir", str(tmp_path / "b"), "--skip-bad-images"]) == 0
+    assert f"skipping unreadable image {str(victim)!r}" in capfd.readouterr().err
+
+
+def test_eval_checks_its_flags_and_the_checkpoint_before_any_work(tmp_path, capsys):
+    assert _run(tmp_path, "--max-steps", "1") == 0
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    cases = [(["--eps", "-0.1"], "--eps must be in (0, 1]"), (["--samples", "0"], "--samples must be"),
+             (["--n-test", "0"], "--n-test must be"), (["--dataset", "mnist"], "trained on 'digits'")]
+    for extra, message in cases:
+        assert eval_cli(["--checkpoint", ckpt, "--out", str(tmp_path / "ev"), *extra]) == 2
+        assert message in capsys.readouterr().err, extra
+    (tmp_path / "results.txt").write_text("precious")
+    assert eval_cli(["--checkpoint", ckpt, "--out", str(tmp_path / "results.txt")]) == 2
+    assert "is a file" in capsys.readouterr().err and (tmp_path / "results.txt").read_text() == "precious"
+    if not torch.cuda.is_available():
+        assert eval_cli(["--checkpoint", ckpt, "--device", "cuda", "--out", str(tmp_path / "ev")]) == 2
+        err = capsys.readouterr().err
+        assert "cuda" in err and err.count("\n") == 1

@@ -213,8 +213,44 @@ def test_sigterm_to_torchrun_leaves_a_checkpoint_that_resumes(tmp_path):
     assert "received SIGTERM: saved" in err, err[-3000:]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] >= 2 and ckpt["world_size"] == 2
-    _torchrun(out, "--max-steps", str(ckpt["step"] + 1), "--resume")
+    _torchrun(out, "--epochs", "100", "--max-steps", str(ckpt["step"] + 1), "--resume")  # the run's own --epochs
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == ckpt["step"] + 1
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_recovers_by_relaunching_with_resume_if_exists(tmp_path):
+    """The recovery recipe of the README: a worker is killed (kill -9) mid-run, torchrun gives up, the SAME
+    command relaunched (with --resume if-exists) continues from the last checkpoint and ends bit for bit
+    where an uninterrupted run ends."""
+    args = ["--max-steps", "8", "--ckpt-every", "1", "--resume", "if-exists"]
+    _torchrun(tmp_path / "full", *args)
+    out = tmp_path / "killed"
+    cmd = TORCHRUN + ["--standalone", "--nproc-per-node", "2", "-m", "urkle_fast.train", "--dataset", "digits",
+                      "--device", "cpu", "--batch", "64", "--epochs", "2", "--log-every", "1", "--threads", "1",
+                      "--num-workers", "0", "--no-progress", "--out-dir", str(out), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        ck = out / "checkpoint.pt"
+        if ck.exists() and torch.load(ck, weights_only=True)["step"] >= 3:
+            break
+        time.sleep(0.2)
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0 and time.time() - t0 < 120, err[-2000:]
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert 3 <= step < 8
+    _torchrun(out, *args)  # the same command again
+    a, b = _weights(tmp_path / "full" / "checkpoint.pt"), _weights(out / "checkpoint.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_global_batch_must_divide_over_the_processes(tmp_path):

@@ -136,5 +136,5 @@ def test_trainer_micro_batch(tmp_path):
     assert chunked["step"] == 3 and torch.isfinite(torch.tensor(chunked["loss"]))
     c = chunked["model"].state_dict()
     assert not all(torch.equal(a[k], c[k]) for k in a)  # batch norm saw chunks of 12 + 12 + 8
-    with pytest.raises(ValueError, match="--micro-batch must be a positive number of images, got 0"):
+    with pytest.raises(ValueError, match="--micro-batch must be an integer >= 1, got 0"):
         train(TrainConfig(out_dir=str(tmp_path / "bad"), micro_batch=0, **TINY))

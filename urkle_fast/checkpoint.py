@@ -160,3 +160,37 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[nn.M
     if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
         model.to(map_location)
     return model.eval(), config
+
+
+class _Encoder(nn.Module):
+    """pixels in [0, 1] -> (mu, logvar): the representation alone (no projector, decoder or classifier)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.normalize, self.backbone, self.head = model.normalize, model.backbone, model.head
+        self.deterministic = bool(getattr(model, "deterministic", False))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.backbone(self.normalize(x)).flatten(1)
+        if self.deterministic:
+            mu = self.head(h)
+            return mu, torch.full_like(mu, -20.0)
+        return self.head(h)
+
+
+def export_encoder(checkpoint: str | os.PathLike, path: str | os.PathLike, batch: int = 2) -> Path:
+    """Write the trained encoder of ``checkpoint`` as a ``torch.export`` program (``.pt2``) mapping pixels in
+    [0, 1], [B, C, H, W] float32, to (mu, logvar), each [B, d_z]; any batch size. Another project loads it
+    with ``torch.export.load(path).module()`` and needs neither urkle_fast nor its config."""
+    model, config = load_model(checkpoint)
+    if model.kind != "representation":
+        raise ValueError(f"{str(checkpoint)!r} holds a supervised model ({config.get('method')}); it has no encoder "
+                         f"p(z|x) to export")
+    enc = _Encoder(model).eval()
+    size, ch = int(config["image_size"]), int(config["in_channels"])
+    example = torch.rand(batch, ch, size, size)
+    program = torch.export.export(enc, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(path))
+    return path

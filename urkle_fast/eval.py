@@ -291,6 +291,12 @@ def _representation(job: _Job, name: str, model: nn.Module, entry: dict, curves:
                 curves[f"{'S=%d' % c.samples if path == 'samples' else 'z = mu'}, labels {b}"] = dict(
                     eps=c.sweep_eps, acc=_sweep(job, clf, name))
         entry["budgets"][str(b)] = dict(n_labels=len(idx), paths=paths)
+        if paths["mu"]["clean"] <= 1.5 / train.num_classes:  # a head that learned nothing
+            entry["budgets"][str(b)]["at_chance"] = True
+        if entry["budgets"][str(b)].get("at_chance") and job.main:
+            warnings.warn(f"{name}, labels {b}: the head's clean accuracy {100 * paths['mu']['clean']:.1f}% is at "
+                          f"chance (1/{train.num_classes}): the representation (or the head) learned nothing, so its "
+                          f"robust accuracy means nothing either", stacklevel=2)
 
 
 def _plots(job: _Job, name: str, model: nn.Module, curves: dict) -> list[str]:
@@ -329,7 +335,10 @@ def _evaluate_one(job: _Job, name: str, model: nn.Module, config: dict, checkpoi
             _representation(job, name, model, entry, curves)
         entry["sweep"] = curves
         if c.plots and job.out:
-            entry["plots"] = _plots(job, name, model, curves)
+            try:
+                entry["plots"] = _plots(job, name, model, curves)
+            except ImportError as exc:  # a plot never costs the numbers
+                print(f"[eval] plots skipped: {exc} (pip install matplotlib)", file=sys.stderr)
     entry["wall_s"] = round(time.time() - t0, 2)
     if c.verbose and job.main:
         print(f"[eval] {name}: done in {entry['wall_s']:.1f} s", flush=True)
@@ -353,14 +362,23 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], cfg: EvalConfig, 
     c = job.cfg
     results: dict[str, Any] = dict(dataset=c.dataset, eps_list=c.eps, sweep_eps=c.sweep_eps,
                                    label_budgets=[str(b) for b in c.label_budgets], settings=_settings(job), models={})
-    for name, (model, config) in models.items():
-        results["models"][name] = _evaluate_one(job, name, model, config, (checkpoint_paths or {}).get(name))
-    if c.plots and job.out and results["models"]:
-        from .evaluation.plots import plot_accuracy_vs_eps
+    from tqdm.auto import tqdm
 
-        allc = {f"{n} ({k})": cv for n, m in results["models"].items() for k, cv in m["sweep"].items()}
-        results["plots"] = [plot_accuracy_vs_eps(allc, c.sweep_eps, os.path.join(job.out, "accuracy_vs_eps.png"),
-                                                 f"{c.dataset}: accuracy under PGD-{c.attack_steps}")]
+    bar = tqdm(models.items(), desc="eval", unit="model", disable=not (c.verbose and job.main))
+    for name, (model, config) in bar:
+        bar.set_postfix_str(name)
+        results["models"][name] = _evaluate_one(job, name, model, config, (checkpoint_paths or {}).get(name))
+        if job.out:  # each model's numbers are on disk as soon as they exist
+            write_outputs(results, job.out)
+    if c.plots and job.out and results["models"]:
+        try:
+            from .evaluation.plots import plot_accuracy_vs_eps
+
+            allc = {f"{n} ({k})": cv for n, m in results["models"].items() for k, cv in m["sweep"].items()}
+            results["plots"] = [plot_accuracy_vs_eps(allc, c.sweep_eps, os.path.join(job.out, "accuracy_vs_eps.png"),
+                                                     f"{c.dataset}: accuracy under PGD-{c.attack_steps}")]
+        except ImportError as exc:
+            print(f"[eval] plots skipped: {exc} (pip install matplotlib)", file=sys.stderr)
     if job.out:
         write_outputs(results, job.out)
     if c.verbose and job.main:

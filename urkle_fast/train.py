@@ -26,6 +26,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -198,8 +199,8 @@ def validate(cfg: TrainConfig) -> None:
     out = Path(cfg.out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / ".write-test", "")
-        (out / ".write-test").unlink()
+        with tempfile.TemporaryFile(dir=out):  # a name of its own: every torchrun rank checks at once
+            pass
     except OSError as exc:
         raise ValueError(f"--out-dir {cfg.out_dir!r} is not a writable folder ({exc})") from None
 

@@ -25,8 +25,14 @@ def plot_accuracy_vs_eps(curves: dict[str, dict[str, Sequence[float]]], eps: Seq
     """curves: {label: {"eps": [...], "acc": [...]}} (accuracy in [0,1]); writes one PNG."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
-    for label, c in curves.items():
-        ax.plot(c["eps"], [100 * a for a in c["acc"]], marker="o", label=label)
+    # curves that coincide (z = mu and S samples, or a robust and a broken model both at 0 %) would hide each
+    # other: each gets its own line style and marker, drawn over the previous ones with a little transparency
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
+    for k, (label, c) in enumerate(curves.items()):
+        ax.plot(c["eps"], [100 * a for a in c["acc"]], linestyle=styles[k % len(styles)],
+                marker=markers[k % len(markers)], markersize=6 - min(3, k), alpha=0.85, lw=1.4, label=label,
+                zorder=2 + k)
     ax.set_xlabel("l_inf epsilon (pixels in [0, 1])")
     ax.set_ylabel("accuracy under PGD (%)")
     ax.set_ylim(-2, 102)
@@ -122,7 +128,8 @@ def plot_z_projection(model, x: torch.Tensor, y: torch.Tensor, path: str, *, eps
     cmap = plt.get_cmap("tab10")
     for i in range(len(x)):
         ax.scatter(p[i, :, 0], p[i, :, 1], s=14, marker="o", color=cmap(i % 10), label=f"x (label {int(y[i])})")
-        ax.scatter(pa[i, :, 0], pa[i, :, 1], s=18, marker="x", color=cmap(i % 10), label=f"Urkle adversary")
+        ax.scatter(pa[i, :, 0], pa[i, :, 1], s=18, marker="x", color=cmap(i % 10),
+                   label="Urkle adversary (x)" if i == 0 else None)  # one legend entry, not one per image
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.set_title(title or f"{n_z} samples of z per image (o) and per adversary (x), eps = {eps:g}", fontsize=8)

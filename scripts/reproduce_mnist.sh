@@ -47,6 +47,7 @@ queue() {  # queue <methods...>: train then evaluate each method in turn (partia
     "$PY" -m urkle_fast.train --method "$m" --dataset mnist --data-root "$DATA_ROOT" --epochs "$EPOCHS" \
       --batch-size "$BS" --optimizer adamw --base-lr "$LR" --warmup-epochs 0 --eps "$EPS" \
       --pgd-steps "$PGD_STEPS" "${SUBSET_ARG[@]}" --seed 0 --out-dir "$OUT/$m" --no-progress --log-every 20 \
+      --resume if-exists \
       > "$LOG_DIR/$m.log" 2>&1
     printf 'train\t%s\t%s\n' "$m" "$(( $(date +%s) - t0 ))" >> "$OUT/times.tsv"
     t0=$(date +%s)

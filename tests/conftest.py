@@ -1,7 +1,7 @@
 """Test configuration shared by every test module.
 
 TRITON_INTERPRET=1 must be set before any module holding @triton.jit is imported, so that the
-Triton kernels run on CPU tensors in Triton's interpreter (ENVIRONMENT.md).
+Triton kernels run on CPU tensors in Triton's interpreter (set too late, Triton finds "0 active drivers").
 URKLE_FAST_REQUIRE_BACKENDS=native,triton (set by .ci/run) turns a missing backend into a failure
 instead of a skip, so CI cannot go green by skipping the kernels.
 """

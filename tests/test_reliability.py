@@ -172,7 +172,30 @@ def test_a_truncated_jpeg_is_named_and_skipped_with_the_flag(tmp_path, data_root
     err = capfd.readouterr().err
     assert victim.name in err and "--skip-bad-images" in err and err.count("\n") <= 2
     assert main([*args, "--out-dir", str(tmp_path / "b"), "--skip-bad-images"]) == 0
-    assert f"skipping unreadable image {str(victim)!r}" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert f"skipping unreadable image {str(victim)!r}" in err and "1 unreadable image file(s) skipped" in err
+    assert (tmp_path / "b" / "skipped_images.tsv").read_text().startswith(str(victim))
+
+
+def test_an_unexpected_error_in_the_loop_keeps_the_last_completed_step(tmp_path, monkeypatch):
+    from urkle_fast.methods import Method
+
+    real, calls = Method.loss, {"n": 0}
+
+    def flaky(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("a bug in step 3")
+        return real(self, *args)
+
+    monkeypatch.setattr(Method, "loss", flaky)
+    with pytest.raises(RuntimeError, match="a bug in step 3"):
+        train(TrainConfig(dataset="digits", train_subset=64, batch_size=16, epochs=2, pgd_steps=1, threads=1,
+                          progress=False, out_dir=str(tmp_path / "run")))
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 3
+    monkeypatch.undo()
+    res = train(TrainConfig(out_dir=str(tmp_path / "run"), resume="auto", progress=False))
+    assert res["step"] == 8
 
 
 def test_eval_checks_its_flags_and_the_checkpoint_before_any_work(tmp_path, capsys):

@@ -349,6 +349,7 @@ def _train_dataset(cfg: TrainConfig):
     ds = load_dataset(cfg.dataset, cfg.data_root, "train", image_size=cfg.image_size)
     if hasattr(ds, "skip_bad_images"):
         ds.skip_bad_images = cfg.skip_bad_images
+        ds.skip_log = str(Path(cfg.out_dir) / "skipped_images.tsv")
     if cfg.train_subset:
         if isinstance(ds, InMemoryDataset):
             ds = InMemoryDataset(ds.images[: cfg.train_subset], ds.labels[: cfg.train_subset], ds.classes)
@@ -426,7 +427,7 @@ def setup(cfg: TrainConfig) -> Run:
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume is None:  # a fresh start (--overwrite, or a requeued job that never saved): the old run goes
-            for name in ("checkpoint.pt", "metrics.jsonl", "curves.png"):
+            for name in ("checkpoint.pt", "metrics.jsonl", "curves.png", "skipped_images.tsv"):
                 (out_dir / name).unlink(missing_ok=True)
         remove_stale_temp_files(out_dir)  # left by writes that a kill -9 interrupted
         write_text_atomic(out_dir / "config.json", json.dumps(asdict(cfg), indent=2))
@@ -623,6 +624,10 @@ def train(cfg: TrainConfig) -> dict:
         finally:
             run.log.close(f"{cfg.method} on {cfg.dataset}, batch {cfg.batch_size}"
                           + (f", {run.ctx.world_size} processes" if run.ctx.world_size > 1 else ""), label=cfg.method)
+    skipped = Path(cfg.out_dir) / "skipped_images.tsv"
+    if run.ctx.is_main and skipped.exists():
+        n = len({ln.split("\t")[0] for ln in skipped.read_text().splitlines() if ln.strip()})
+        print(f"--skip-bad-images: {n} unreadable image file(s) skipped, listed in {skipped}", file=sys.stderr)
     interrupted = (signalled["signum"] or signal.SIGTERM) if stopping else None
     if interrupted is not None and run.ctx.is_main:
         print(f"\nreceived {signal.Signals(interrupted).name}: saved {path} at step {run.step}; "

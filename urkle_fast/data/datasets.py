@@ -150,6 +150,7 @@ class FolderDataset(Dataset):
         self.transform = T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size)])
         self.size = size
         self.skip_bad_images = False  # the trainer's --skip-bad-images
+        self.skip_log: Optional[str] = None  # where skipped files are listed
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -164,6 +165,9 @@ class FolderDataset(Dataset):
                     raise BadImageError(f"cannot decode image {path!r} ({type(exc).__name__}: {exc}); fix or remove "
                                         f"the file, or pass --skip-bad-images to train past unreadable images") from exc
                 print(f"skipping unreadable image {path!r} ({type(exc).__name__}: {exc})", file=sys.stderr)
+                if self.skip_log:  # one line per skip, appended from any DataLoader worker; the trainer counts them
+                    with open(self.skip_log, "a") as f:
+                        f.write(f"{path}\t{type(exc).__name__}: {exc}\n")
         raise BadImageError(f"no readable image in {len(self.inner)} files under {self.inner.root!r}")
 
     def _decode(self, path: str) -> torch.Tensor:

@@ -9,6 +9,8 @@
 #   tests      pytest -m gpu tests/                         -> $OUT/tests.log, $OUT/tests.xml, $OUT/tests.md
 #   bandwidth  big tensor copy, GB/s                        -> $OUT/bandwidth.md
 #   bench      pytest bench/ --benchmark-only               -> $OUT/bench.json, $OUT/bench.log, $OUT/bench.md
+#   amp        the Urkle KL under bf16 autocast vs float32 (the Gaussian head stays float32)
+#                                                           -> $OUT/amp.md (GPU_CHECK_DEVICE=cpu dry-runs it)
 #   train      the trainer on CUDA (compile, bf16, channels_last), whole batch and --micro-batch
 #                                                           -> $OUT/train.md (run folders under /tmp;
 #                                                              GPU_CHECK_DEVICE=cpu dry-runs it on a CPU)
@@ -32,7 +34,7 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$ROOT/.torchinductor}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # nothing is pip-installed there: import from the tree
 
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(env build tests bandwidth bench train)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(env build tests bandwidth bench amp train)
 status=0
 [ -f "$OUT/summary.md" ] || printf '| stage | exit status | seconds |\n|---|---:|---:|\n' > "$OUT/summary.md"
 
@@ -134,15 +136,47 @@ PYEOF
   return $rc
 }
 
+stage_amp() {
+  "$PY" - "${GPU_CHECK_DEVICE:-cuda}" > "$OUT/amp.md" <<'PYEOF'
+import sys, torch
+from urkle_fast.attack import pgd, urkle_kl
+from urkle_fast.ops import gaussian_kl
+from urkle_fast.train import TrainConfig, resolve_config
+from urkle_fast.models import build_model
+
+dev = sys.argv[1]
+torch.manual_seed(0)
+cfg = resolve_config(TrainConfig(dataset="cifar10", method="simclr_urkle"))
+cfg.num_classes = 10
+model = build_model(vars(cfg)).to(dev).eval()
+with torch.no_grad():  # |mu| of several units, sigma at its 0.01 floor: where bf16 mu would break the KL
+    model.head.fc.weight.mul_(20)
+    model.head.fc.bias[model.d_z:].fill_(-8.0)
+x = torch.rand(256, 3, 32, 32, device=dev)
+x_adv = pgd(urkle_kl(model, x), x, eps=8 / 255, alpha=2 / 255, steps=3, model=model, seed=0)
+rows = []
+for amp in (False, True):
+    with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
+        mu, lv = model.encode(x)
+        mu_a, lv_a = model.encode(x_adv)
+        rows.append((amp, str(mu.dtype).replace("torch.", ""), gaussian_kl(mu, lv, mu_a, lv_a).item()))
+ref = rows[0][2]
+print(f"## Urkle KL, bf16 autocast vs float32 ({dev}, ResNet-18 CIFAR stem, 256 images, sigma at its floor)\n")
+print("| autocast | mu dtype | mean KL | relative to float32 |\n|---|---|---:|---:|")
+for amp, dt, kl in rows:
+    print(f"| {'bf16' if amp else 'off'} | {dt} | {kl:.4f} | {kl / ref:.4f} |")
+PYEOF
+}
+
 for s in "${STAGES[@]}"; do
   case $s in
-    env | build | tests | bandwidth | bench | train) run_stage "$s" "stage_$s" ;;
-    *) echo "unknown stage $s (env build tests bandwidth bench train)" >&2; status=2 ;;
+    env | build | tests | bandwidth | bench | amp | train) run_stage "$s" "stage_$s" ;;
+    *) echo "unknown stage $s (env build tests bandwidth bench amp train)" >&2; status=2 ;;
   esac
 done
-cat "$OUT/summary.md" "$OUT"/env.md "$OUT"/tests.md "$OUT"/bandwidth.md "$OUT"/bench.md "$OUT"/train.md \
-  > "$OUT/report.md" 2>/dev/null
-(cd "$OUT" && tar czf logs.tar.gz ./*.log && rm -f ./*.log env.md tests.md bandwidth.md bench.md train.md)
+cat "$OUT/summary.md" "$OUT"/env.md "$OUT"/tests.md "$OUT"/bandwidth.md "$OUT"/bench.md "$OUT"/amp.md \
+  "$OUT"/train.md > "$OUT/report.md" 2>/dev/null
+(cd "$OUT" && tar czf logs.tar.gz ./*.log && rm -f ./*.log env.md tests.md bandwidth.md bench.md amp.md train.md)
 echo "report: $OUT/report.md"
 cat "$OUT/report.md"
 exit $status

@@ -96,3 +96,33 @@ def test_unknown_family_method_and_arch():
         build_model(dict(_cfg("simclr"), arch="vit"))
     with pytest.raises(ValueError, match="needs a decoder"):
         build_model(_cfg("vae_urkle", "cifar10"))
+
+
+def test_gaussian_head_is_float32_under_bf16_autocast():
+    """The KL of sigma-floor posteriors at |mu| ~ 8 stays within float32 tolerance of the autocast-off value
+    (bf16 mu would misread it by a factor of several), and so does the method's Urkle KL on a digits model."""
+    from urkle_fast.ops import gaussian_kl
+
+    torch.manual_seed(0)
+    head = GaussianHead(64, 16, sigma_min=0.01)
+    with torch.no_grad():
+        head.fc.weight.mul_(20)  # |mu| of several units
+        head.fc.bias[16:].fill_(-8.0)  # softplus(-8) ~ 3e-4: sigma at its 0.01 floor
+    h = torch.randn(32, 64)
+    h_adv = h + 1e-3 * torch.randn_like(h)
+    ref = gaussian_kl(*head(h), *head(h_adv), reduction="none")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mu, lv = head(h.bfloat16().float())  # a bf16 backbone hands over exactly these features
+        mu_a, lv_a = head(h_adv)
+        assert mu.dtype == lv.dtype == torch.float32
+        got = gaussian_kl(mu, lv, mu_a, lv_a, reduction="none")
+    assert ref.mean() > 1.0  # a KL that bf16 rounding of mu would swamp
+    torch.testing.assert_close(gaussian_kl(*head(h.bfloat16().float()), mu_a, lv_a, reduction="none"), got)
+    # and bf16-rounded mu (what the head returned before) is far off: the check can fail
+    bad = gaussian_kl(mu.bfloat16().float(), lv, mu_a.bfloat16().float(), lv_a, reduction="none")
+    assert (bad - ref).abs().mean() > 0.5 * ref.mean()
+    model = build_model(_cfg("simclr_urkle")).eval()
+    x = torch.rand(4, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mu, lv = model.encode(x)
+    assert mu.dtype == lv.dtype == torch.float32

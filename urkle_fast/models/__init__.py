@@ -68,7 +68,8 @@ class RepresentationModel(nn.Module):
         """x [B, C, H, W] in [0, 1] -> (mu, logvar), each [B, d_z]."""
         h = self.backbone(self.normalize(x)).flatten(1)
         if self.deterministic:
-            mu = self.head(h)
+            with torch.autocast(device_type=h.device.type, enabled=False):  # float32, as GaussianHead's
+                mu = self.head(h.float())
             return mu, torch.full_like(mu, DETERMINISTIC_LOGVAR)
         return self.head(h)
 

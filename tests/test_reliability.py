@@ -213,3 +213,34 @@ def test_eval_checks_its_flags_and_the_checkpoint_before_any_work(tmp_path, caps
         assert eval_cli(["--checkpoint", ckpt, "--device", "cuda", "--out", str(tmp_path / "ev")]) == 2
         err = capsys.readouterr().err
         assert "cuda" in err and err.count("\n") == 1
+
+
+def test_old_checkpoints_with_a_numpy_random_state_still_load(tmp_path):
+    """Checkpoints written before the random states were stored as tensors hold numpy's as an array."""
+    import numpy as np
+
+    assert _run(tmp_path, "--max-steps", "1") == 0
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    state = load_checkpoint(ckpt)
+    state["rng"] = dict(state["rng"], numpy=np.random.get_state())
+    state["rng_ranks"] = [state["rng"]]
+    torch.save(state, ckpt)
+    assert load_checkpoint(ckpt)["rng"]["numpy"][0] == "MT19937"
+    assert _run(tmp_path, "--resume", "--max-steps", "2") == 0
+
+
+def test_resume_from_a_file_into_an_out_dir_holding_another_run_is_refused(tmp_path, capsys):
+    assert _run(tmp_path, "--max-steps", "1", out="a") == 0
+    assert _run(tmp_path, "--max-steps", "1", out="b") == 0
+    before = (tmp_path / "b" / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert _run(tmp_path, "--resume", str(tmp_path / "a" / "checkpoint.pt"), "--max-steps", "2", out="b") == 2
+    assert "holds another run" in capsys.readouterr().err
+    assert (tmp_path / "b" / "checkpoint.pt").read_bytes() == before
+    assert _run(tmp_path, "--resume", str(tmp_path / "a" / "checkpoint.pt"), "--max-steps", "2", out="c") == 0
+
+
+def test_l2_radii_above_one_and_skip_with_dali(tmp_path, capsys):
+    assert main([*TINY, "--out-dir", str(tmp_path / "l2"), "--norm", "l2", "--eps", "1.5", "--max-steps", "1"]) == 0
+    assert main([*TINY, "--out-dir", str(tmp_path / "d"), "--loader", "dali", "--skip-bad-images"]) == 2
+    assert "--skip-bad-images works with --loader torch" in capsys.readouterr().err

@@ -69,6 +69,18 @@ def save_checkpoint(state: Mapping[str, Any] | bytes, path: str | os.PathLike) -
     return path
 
 
+def _numpy_array_globals() -> list:
+    """What a plain numpy array needs to unpickle (checkpoints written before RNG states were stored as
+    tensors hold numpy's random state as an array); no callable that runs code."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+_NUMPY_ARRAY_GLOBALS = _numpy_array_globals()
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Read and validate a checkpoint; raise CheckpointError with the path and the reason.
 
@@ -79,7 +91,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if found:  # a pickled reference to a Python callable or class, not corruption

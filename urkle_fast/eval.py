@@ -291,7 +291,8 @@ def _representation(job: _Job, name: str, model: nn.Module, entry: dict, curves:
                 curves[f"{'S=%d' % c.samples if path == 'samples' else 'z = mu'}, labels {b}"] = dict(
                     eps=c.sweep_eps, acc=_sweep(job, clf, name))
         entry["budgets"][str(b)] = dict(n_labels=len(idx), paths=paths)
-        if paths["mu"]["clean"] <= 1.5 / train.num_classes:  # a head that learned nothing
+        chance = 1.0 / train.num_classes
+        if paths["mu"]["clean"] <= chance + 0.1 * (1 - chance):  # a head that learned (next to) nothing
             entry["budgets"][str(b)]["at_chance"] = True
         if entry["budgets"][str(b)].get("at_chance") and job.main:
             warnings.warn(f"{name}, labels {b}: the head's clean accuracy {100 * paths['mu']['clean']:.1f}% is at "

@@ -175,8 +175,12 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{_flag(name)} must be {what}, got {getattr(cfg, name)!r}")
 
     finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
-    if cfg.eps is not None:
+    if cfg.eps is not None and cfg.norm == "linf":
         need(finite(cfg.eps) and 0 <= cfg.eps <= 1, "eps", "a number in [0, 1] (pixels in [0, 1])")
+    elif cfg.eps is not None:
+        need(finite(cfg.eps) and cfg.eps >= 0, "eps", "a number >= 0")
+    if cfg.skip_bad_images and cfg.loader == "dali":
+        raise ValueError("--skip-bad-images works with --loader torch (DALI decodes the files itself); drop one")
     for name in ("base_lr", "temperature", "sigma_min"):
         need(finite(getattr(cfg, name)) and getattr(cfg, name) > 0, name, "a positive number")
     for name in ("momentum", "weight_decay", "trust_coef", "warmup_epochs", "beta_vae"):
@@ -328,7 +332,13 @@ def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, Optional[dict]]:
                              f"--resume (or --resume if-exists), start it afresh with --overwrite, or choose another "
                              f"--out-dir")
         return cfg, None
-    state = load_checkpoint(ckpt_path if cfg.resume in ("auto", "if-exists") else Path(cfg.resume))
+    source = ckpt_path if cfg.resume in ("auto", "if-exists") else Path(cfg.resume)
+    if source.resolve() != ckpt_path.resolve() and not cfg.overwrite:
+        held = [p.name for p in (ckpt_path, metrics) if p.exists() and p.stat().st_size > 0]
+        if held:
+            raise ValueError(f"--resume {str(source)!r} would continue into --out-dir {str(out)!r}, which holds another "
+                             f"run ({', '.join(held)}): choose another --out-dir, or --overwrite it")
+    state = load_checkpoint(source)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = {k: v for k, v in state["config"].items() if k in known}
     given = _given(cfg) - set(RUNTIME_FIELDS) - set(FILLED_FIELDS)
@@ -388,7 +398,7 @@ def setup(cfg: TrainConfig) -> Run:
     seed_everything(cfg.seed)
     ds = _train_dataset(cfg)
     cfg.loader = resolve_loader(cfg.loader, ds, dataset=cfg.dataset, on_cuda=on_cuda, train_subset=cfg.train_subset,
-                                preset=cfg.augment)
+                                preset=cfg.augment, skip_bad_images=cfg.skip_bad_images)
     cfg.num_classes = cfg.num_classes or num_classes_of(ds)
     step = int(resume["step"]) if resume is not None else 0
     loader = make_train_loader(cfg.loader, ds, batch_size=cfg.batch_size, views=method.crops_per_image,
@@ -491,9 +501,9 @@ def save(run: Run, loss: Optional[float], *, deferred: bool = False) -> Path:
 def write_pending(run: Run) -> None:
     """The deferred checkpoint, now that a finite loss has been computed from its weights (rank 0 writes)."""
     if run.pending is not None:
-        run.saved_step, snapshot = run.pending
+        step, snapshot = run.pending
         save_checkpoint(snapshot, run.ckpt_path)
-        run.pending = None
+        run.saved_step, run.pending = step, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,8 +556,18 @@ def _finished(cfg: TrainConfig, note: str) -> dict:
 
 
 def _save_on_error(run: Run, loss: Optional[float]) -> None:
-    """An unexpected error in the loop: keep the last completed step (one process only: a collective save
-    cannot run when one rank has failed)."""
+    """An unexpected error in the loop: keep the last completed step. A periodic snapshot taken at this very
+    step is the consistent one (the failed step may have touched batch-norm statistics and random
+    states): rank 0 writes it, no collective needed. Otherwise, one process only (a collective save cannot
+    run when one rank has failed), the state as it is."""
+    if run.pending is not None and run.pending[0] == run.step and run.ctx.is_main:
+        try:
+            write_pending(run)
+            print(f"error at step {run.step}: saved the checkpoint of that step to {run.ckpt_path}; fix the cause "
+                  f"and continue with --resume", file=sys.stderr)
+        except Exception as exc:
+            print(f"error at step {run.step}; its checkpoint could not be saved either ({exc})", file=sys.stderr)
+        return
     if run.ctx.world_size > 1 or run.step <= run.saved_step:
         return
     try:

@@ -251,6 +251,15 @@ def as_tensors(ds: Dataset, limit: Optional[int] = None) -> tuple[torch.Tensor, 
     return to_float01(torch.stack(xs)), torch.tensor(ys)
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Ctrl-C or a scheduler's SIGTERM reaches the whole process group: the trainer stops cleanly at the end
+    of its step (and checkpoints), so its decoding workers must not die first. They still exit with it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def epoch_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int, start_batch: int = 0,
                   num_workers: int = 0, pin_memory: bool = False,
                   shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -275,7 +284,8 @@ def epoch_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int, start_
             yield ds.images[idx], ds.labels[idx]
         return
     loader = DataLoader(ds, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
-                        pin_memory=pin_memory, persistent_workers=False)
+                        pin_memory=pin_memory, persistent_workers=False,
+                        worker_init_fn=_ignore_stop_signals if num_workers else None)
     for images, labels in loader:
         yield images, torch.as_tensor(labels)
 

@@ -71,13 +71,15 @@ def folder_root(ds) -> Optional[str]:
     return getattr(inner, "root", None) if not isinstance(ds, InMemoryDataset) else None
 
 
-def resolve_loader(loader: str, ds, *, dataset: str, on_cuda: bool, train_subset: Optional[int], preset: str) -> str:
-    """"torch" or "dali" for this run (clear errors where DALI cannot read the data set)."""
+def resolve_loader(loader: str, ds, *, dataset: str, on_cuda: bool, train_subset: Optional[int], preset: str,
+                   skip_bad_images: bool = False) -> str:
+    """"torch" or "dali" for this run (clear errors where DALI cannot read the data set). --skip-bad-images
+    needs the torch path: DALI decodes the files itself."""
     if loader not in ("auto", "torch", "dali"):
         raise ValueError(f"--loader must be auto, torch or dali, got {loader!r}")
     folder = folder_root(ds) is not None
     if loader == "auto":
-        if not (on_cuda and folder and dataset in ("folder", "imagenet") and not train_subset):
+        if not (on_cuda and folder and dataset in ("folder", "imagenet") and not train_subset and not skip_bad_images):
             return "torch"
         from .dali import dali_available
 
@@ -114,7 +116,7 @@ def make_train_loader(kind: str, ds, *, batch_size: int, views: int, size: int, 
     state = None
     if states is not None and len(states) == world and isinstance(states[rank], str):
         state = states[rank]
-    elif states is not None and position > 0 and rank == 0:
+    elif states is not None and position > 0 and rank == 0 and any(isinstance(st, str) for st in states):
         print(f"the checkpoint holds {len(states)} DALI loader states for {world} processes: the data "
               f"pipeline restarts its shuffle (model, optimiser and schedule continue exactly)", file=sys.stderr)
     loader = DaliMultiView(folder_root(ds), batch_size // world, views=views, size=size, preset=preset, device=device,

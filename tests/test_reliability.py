@@ -238,6 +238,11 @@ def test_resume_from_a_file_into_an_out_dir_holding_another_run_is_refused(tmp_p
     assert "holds another run" in capsys.readouterr().err
     assert (tmp_path / "b" / "checkpoint.pt").read_bytes() == before
     assert _run(tmp_path, "--resume", str(tmp_path / "a" / "checkpoint.pt"), "--max-steps", "2", out="c") == 0
+    # --overwrite: b's own run goes, a's continues there from its step 1
+    assert _run(tmp_path, "--resume", str(tmp_path / "a" / "checkpoint.pt"), "--max-steps", "2", "--overwrite",
+                out="b") == 0
+    recs = [json.loads(ln) for ln in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [2] and load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 2
 
 
 def test_l2_radii_above_one_and_skip_with_dali(tmp_path, capsys):

@@ -436,7 +436,10 @@ def setup(cfg: TrainConfig) -> Run:
     out_dir = Path(cfg.out_dir)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None:  # a fresh start (--overwrite, or a requeued job that never saved): the old run goes
+        foreign = resume is not None and cfg.resume not in ("auto", "if-exists") and \
+            Path(cfg.resume).resolve() != (out_dir / "checkpoint.pt").resolve()
+        if resume is None or foreign:  # a fresh start (--overwrite, a requeued job that never saved) or another
+            # run's checkpoint continued here (refused by _load_resume unless the folder was empty or --overwrite)
             for name in ("checkpoint.pt", "metrics.jsonl", "curves.png", "skipped_images.tsv"):
                 (out_dir / name).unlink(missing_ok=True)
         remove_stale_temp_files(out_dir)  # left by writes that a kill -9 interrupted

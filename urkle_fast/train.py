@@ -287,8 +287,9 @@ def rng_state() -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos),
                                                       int(has_gauss), float(gauss)), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this process's device only: a resume on a machine with another number of visible GPUs must work
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -297,8 +298,12 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible device's state
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def compile_model(model: nn.Module, backend: str) -> None:
@@ -679,6 +684,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             return demo_main([a for a in argv if a != "--demo"])
         cfg = parse_args(argv)
+        validate(cfg)  # before the process group: its flags are named too
         udist.init_distributed(cfg.device, cfg.dist_backend, timeout_s=cfg.dist_timeout)
         result = train(cfg)
     except (DataRootError, CheckpointError, NonFiniteLossError, StepOutOfMemoryError, ValueError) as exc:

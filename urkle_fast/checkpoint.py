@@ -39,14 +39,11 @@ def checkpoint_bytes(state: Mapping[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def save_checkpoint(state: Mapping[str, Any] | bytes, path: str | os.PathLike) -> Path:
-    """Write ``state`` (or its ``checkpoint_bytes``) to ``path`` atomically: temp file in the same directory,
-    fsync, os.replace. A crash at any moment leaves either the previous checkpoint or the new one, never a
-    torn file.
-    """
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, os.replace, fsync of the
+    directory. A crash at any moment leaves either the old file or the new one, never a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = state if isinstance(state, bytes) else checkpoint_bytes(state)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -67,6 +64,11 @@ def save_checkpoint(state: Mapping[str, Any] | bytes, path: str | os.PathLike) -
     except OSError:  # pragma: no cover - some filesystems refuse directory fsync
         pass
     return path
+
+
+def save_checkpoint(state: Mapping[str, Any] | bytes, path: str | os.PathLike) -> Path:
+    """Write ``state`` (or its ``checkpoint_bytes``) to ``path`` atomically (``write_atomic``)."""
+    return write_atomic(path, state if isinstance(state, bytes) else checkpoint_bytes(state))
 
 
 def _numpy_array_globals() -> list:
@@ -119,20 +121,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """``path`` holds either its old text or ``text``, never a torn file (config.json)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """``path`` holds either its old text or ``text``, never a torn file (config.json, metrics.jsonl)."""
+    return write_atomic(path, text.encode("utf-8"))
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:

@@ -22,6 +22,11 @@ def opt(default: Any = None, help: str = "", *, factory: Optional[Callable[[], A
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def flag(field_name: str) -> str:
+    """The command-line spelling of a config field: ``out_dir`` -> ``--out-dir``."""
+    return "--" + field_name.replace("_", "-")
+
+
 _SCALARS = {"int": int, "float": float, "str": str}
 
 
@@ -39,7 +44,7 @@ def parser_for(cls: type, prog: str, description: str) -> argparse.ArgumentParse
         md = dict(f.metadata)
         if not md.pop("cli", True):
             continue
-        names = ["--" + f.name.replace("_", "-"), *md.pop("aliases", ())]
+        names = [flag(f.name), *md.pop("aliases", ())]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         kw: dict[str, Any] = {"help": md.pop("help", "") or " ", "dest": f.name, **md}
         if "action" not in kw and "nargs" not in kw and "bool" in str(f.type):

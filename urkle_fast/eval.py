@@ -33,7 +33,7 @@ import torch.nn as nn
 from . import distributed as udist
 from .attack import frozen
 from .checkpoint import CheckpointError, load_model
-from .cli import config_from, opt, parser_for
+from .cli import config_from, flag as _flag, opt, parser_for
 from .data import INFO, to_float01
 from .defaults import DATASETS, defaults_for, help_for
 from .evaluation.attacks import robust_accuracy
@@ -121,10 +121,6 @@ class _Job:
     @property
     def out(self) -> Optional[str]:  # rank 0 writes
         return self.cfg.out if self.main else None
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def validate(cfg: EvalConfig) -> None:

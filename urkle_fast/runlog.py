@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from urkle_fast import distributed as udist
+from urkle_fast.checkpoint import write_text_atomic
 
 
 class RunLog:
@@ -54,9 +55,7 @@ class RunLog:
                 keep.append(ln)
         if torn:
             print(f"{self.metrics_path}: dropped {torn} torn line(s)", file=sys.stderr)
-        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        tmp.replace(self.metrics_path)
+        write_text_atomic(self.metrics_path, "".join(ln + "\n" for ln in keep))
 
     def step(self, step: int, epoch: int, loss: float, lr: float, metrics: dict, images: int) -> None:
         """After optimiser step ``step`` (1-based): every ``log_every`` steps and at the end, one record."""

@@ -39,7 +39,7 @@ import torch.nn as nn
 from urkle_fast import distributed as udist
 from urkle_fast.checkpoint import (CheckpointError, checkpoint_bytes, load_checkpoint, load_model, non_finite_entries,
                                    remove_stale_temp_files, save_checkpoint, unwrap, write_text_atomic)
-from urkle_fast.cli import config_from, given_fields, opt, parser_for
+from urkle_fast.cli import config_from, flag as _flag, given_fields, opt, parser_for
 from urkle_fast.data import INFO, BadImageError, DataRootError, InMemoryDataset, load_dataset, num_classes_of
 from urkle_fast.data.loader import forever, make_train_loader, resolve_loader
 from urkle_fast.defaults import DATASETS, defaults_for, help_for
@@ -162,10 +162,6 @@ class NonFiniteLossError(RuntimeError):
 
 class RunFinished(Exception):
     """--resume on a run that has reached its last step: nothing to do (the checkpoint is not touched)."""
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def validate(cfg: TrainConfig) -> None:

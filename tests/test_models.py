@@ -34,11 +34,38 @@ def test_protocol(method, dataset, shape):
     else:
         r = model.decode(z)
         assert r.shape == (3, *shape) and 0 <= r.min() and r.max() <= 1
-    if method == "ae_trades":
+    if method in ("ae_trades", "simclr", "rocl"):  # the paper's baselines: z = mu, logvar ignored by sampling
         assert model.deterministic and torch.all(logvar == DETERMINISTIC_LOGVAR)
-        torch.testing.assert_close(model.sample(mu, logvar), mu, atol=1e-3, rtol=0)
+        assert isinstance(model.head, nn.Linear)
+        assert model.sample(mu, logvar) is mu
+        assert model.sample(mu, torch.zeros_like(logvar)) is mu
     else:
         assert not model.deterministic
+        assert not torch.equal(model.sample(mu, logvar), mu)
+
+
+def test_encoder_override_and_older_configs():
+    """--encoder gaussian gives a Gaussian SimCLR (the pre-fix baseline); a config without "encoder" (older
+    checkpoints) builds what it was trained with: Gaussian, except the auto-encoder."""
+    cfg = _cfg("simclr", "digits", encoder="gaussian")
+    assert cfg["encoder"] == "gaussian" and not build_model(cfg).deterministic
+    assert resolve_config(TrainConfig(method="rocl", dataset="digits")).encoder == "deterministic"
+    assert resolve_config(TrainConfig(method="simclr_urkle", dataset="digits")).encoder == "gaussian"
+    old = {k: v for k, v in _cfg("simclr", "digits").items() if k != "encoder"}
+    assert not build_model(old).deterministic
+    old_ae = {k: v for k, v in _cfg("ae_trades", "digits").items() if k != "encoder"}
+    assert build_model(old_ae).deterministic
+    with pytest.raises(ValueError, match="--encoder"):
+        resolve_config(TrainConfig(method="standard", dataset="digits", encoder="gaussian"))
+
+
+def test_mnist_classifier_is_the_papers_three_layer_head():
+    cfg = _cfg("standard", "mnist")
+    model = build_model(cfg)
+    assert cfg["classifier"] == "mlp3" and isinstance(model.classifier, nn.Sequential)
+    assert sum(isinstance(m, nn.Linear) for m in model.classifier) == 3
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in model.classifier) == 2
+    assert isinstance(build_model(_cfg("at", "digits")).classifier, nn.Linear)
 
 
 @pytest.mark.parametrize("arch,d_z", [("resnet18", 512), ("resnet50", 2048)])
@@ -80,7 +107,7 @@ def test_gaussian_head_variance_param():
 
 
 def test_normalisation_inside_the_model():
-    cfg = _cfg("simclr", "digits")
+    cfg = _cfg("simclr_urkle", "digits")
     model = build_model(cfg).eval()
     x = torch.rand(4, 1, 8, 8)
     h = model.backbone((x - cfg["pixel_mean"][0]) / cfg["pixel_std"][0])

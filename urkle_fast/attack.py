@@ -112,11 +112,17 @@ def urkle_kl(model: nn.Module, x: torch.Tensor) -> Objective:
     return objective
 
 
-def rocl_nt_xent(model: nn.Module, x_other: torch.Tensor, temperature: float = 0.5) -> Objective:
+def rocl_nt_xent(model: nn.Module, x_other: torch.Tensor, temperature: float = 0.5,
+                 detach_columns: bool = False) -> Objective:
     """RoCL: x_adv -> NT-Xent of (x_adv's projection, the other view's projection), scalar.
 
-    The other view's projected z is sampled once and held fixed; the adversary's z is sampled
-    (reparameterisation) at each call, so use eot > 1 to average over it."""
+    The other view's projected z is sampled once and held fixed; a Gaussian encoder's adversary z is
+    sampled (reparameterisation) at each call, so use eot > 1 to average over it. ``detach_columns``:
+    the official code's similarity P (P.detach())^T (the gradient reaches x_adv through its rows only)."""
+    from urkle_fast.ops.nt_xent import nt_xent_column_detached
+
+    loss_fn = nt_xent_column_detached if detach_columns else nt_xent
+
     with torch.no_grad(), frozen(model):
         mu, logvar = model.encode(x_other)
         p_other = model.project(model.sample(mu, logvar)).detach()
@@ -124,7 +130,7 @@ def rocl_nt_xent(model: nn.Module, x_other: torch.Tensor, temperature: float = 0
     def objective(x_adv: torch.Tensor) -> torch.Tensor:
         mu, logvar = model.encode(x_adv)
         p_adv = model.project(model.sample(mu, logvar))
-        return nt_xent(torch.stack([p_adv, p_other.to(p_adv.dtype)]), views=2, temperature=temperature)
+        return loss_fn(torch.stack([p_adv, p_other.to(p_adv.dtype)]), views=2, temperature=temperature)
 
     return objective
 

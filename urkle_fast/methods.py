@@ -34,6 +34,7 @@ from torch import Tensor
 
 from urkle_fast.attack import ae_recon, cross_entropy, pgd, rocl_nt_xent, trades_kl, urkle_kl
 from urkle_fast.ops import gaussian_kl, nt_xent
+from urkle_fast.ops.nt_xent import nt_xent_column_detached
 
 Metrics = dict[str, Tensor]
 
@@ -46,16 +47,18 @@ class LossParams:
     pgd_alpha: float
     pgd_steps: int
     norm: str = "linf"
-    eot: int = 1  # z samples averaged per RoCL attack step
+    eot: int = 1  # z samples averaged per RoCL attack step (a Gaussian RoCL encoder, --encoder gaussian)
     temperature: float = 0.5
     denominator: str = "all"
     beta_vae: float = 0.0  # weight of KL[p(z|x) || N(0, I)] in VAE+Urkle
+    detach_columns: bool = False  # RoCL's official similarity: gradients through the rows of S = P P^T only
 
     @classmethod
     def of(cls, cfg: Any) -> "LossParams":
         """From anything with these attributes (a resolved urkle_fast.train.TrainConfig)."""
         return cls(eps=cfg.eps, pgd_alpha=cfg.pgd_alpha, pgd_steps=cfg.pgd_steps, norm=cfg.norm, eot=cfg.eot,
-                   temperature=cfg.temperature, denominator=cfg.denominator, beta_vae=cfg.beta_vae)
+                   temperature=cfg.temperature, denominator=cfg.denominator, beta_vae=cfg.beta_vae,
+                   detach_columns=bool(getattr(cfg, "detach_columns", False)))
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,12 @@ class Method:
     inputs: Optional[Callable[[nn.Module, Tensor, LossParams], tuple[Tensor, int]]] = None
     extra: Optional[ExtraTerm] = None
     per_sample: Optional[Callable[..., tuple[Tensor, Metrics]]] = None
+    # the loss over the projections P [V * B, d] of every row (view-major) when it is not plain NT-Xent:
+    # contrast(P, V, hp, beta) -> (loss, metrics); RoCL adds its official 1/256-weighted term here
+    contrast: Optional[Callable[[Tensor, int, LossParams, float], tuple[Tensor, Metrics]]] = None
+    encoder: str = "gaussian"  # p(z|x): gaussian, or deterministic (z = mu; the paper's SimCLR, RoCL, AE)
+    ramp: bool = False  # beta_robust ramps in over --beta-warmup-epochs by default (an Urkle choice)
+    alpha_rule: float = 2.5  # training PGD step when --pgd-alpha is not given: alpha_rule * eps / steps
 
     @property
     def contrastive(self) -> bool:
@@ -95,15 +104,31 @@ class Method:
             return self.per_sample(model, crops, labels, hp, beta)
         x, V = self.inputs(model, crops, hp)
         p, mu, logvar = embed(model, x)
-        con = nt_xent(p, views=V, temperature=hp.temperature, denominator=hp.denominator, gather_distributed=True)
+        con, metrics = self.contrast_loss(p, V, hp, beta)
         if self.extra is None:
-            return con, {"nt_xent": con.detach()}
+            return con, metrics
         term = self.extra.fn(mu, logvar, "mean")
-        return con + beta * term, {"nt_xent": con.detach(), self.extra.name: term.detach()}
+        return con + beta * term, {**metrics, self.extra.name: term.detach()}
+
+    def contrast_loss(self, p: Tensor, V: int, hp: LossParams, beta: float) -> tuple[Tensor, Metrics]:
+        """The loss that couples the rows: NT-Xent over the V views (global under torch.distributed), or
+        the method's ``contrast``. The gradient cache calls this on the projections of every chunk."""
+        if self.contrast is not None:
+            return self.contrast(p, V, hp, beta)
+        con = contrastive(p, V, hp)
+        return con, {"nt_xent": con.detach()}
+
+
+def contrastive(p: Tensor, V: int, hp: LossParams) -> Tensor:
+    """NT-Xent over V views of p [V * B, d]: the fused op (gathered over ranks), or with hp.detach_columns
+    RoCL's column-detached similarity (eager; one process)."""
+    if hp.detach_columns:
+        return nt_xent_column_detached(p, views=V, temperature=hp.temperature, denominator=hp.denominator)
+    return nt_xent(p, views=V, temperature=hp.temperature, denominator=hp.denominator, gather_distributed=True)
 
 
 def embed(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(projection of one z sample, mu, logvar) per row of x."""
+    """(projection of one z sample (z = mu for a deterministic encoder), mu, logvar) per row of x."""
     mu, logvar = model.encode(x)
     return model.project(model.sample(mu, logvar)), mu, logvar
 
@@ -133,10 +158,21 @@ def _urkle_kl_term(mu: Tensor, logvar: Tensor, reduction: str) -> Tensor:
 
 
 def _rocl_inputs(model, crops, hp):
-    """The adversary of view 1 maximises its NT-Xent against view 2 (EOT over z samples when eot > 1)
-    and joins the two views as a third positive."""
+    """The adversary of view 1 maximises its NT-Xent against view 2 (RoCL's attack_to = other; EOT over z
+    samples when the encoder is Gaussian and eot > 1) and joins the two views as a third positive."""
     x1, x2 = crops[0], crops[1]
-    return torch.cat([x1, x2, _attack(rocl_nt_xent(model, x2, hp.temperature), x1, hp, model, eot=hp.eot)]), 3
+    objective = rocl_nt_xent(model, x2, hp.temperature, detach_columns=hp.detach_columns)
+    return torch.cat([x1, x2, _attack(objective, x1, hp, model, eot=hp.eot)]), 3
+
+
+def _rocl_contrast(p, V, hp, beta):
+    """RoCL's official loss (Kim et al. 2020, rocl_train.py + attack_lib.py, defaults): the 3-view NT-Xent
+    summed over each row's 2 positives (our NT-Xent averages them: x (V - 1)), plus (1 / lamda) times the
+    NT-Xent of the adversary against the other view (regularize_to = other), lamda = 256: beta = 1/256."""
+    B = p.shape[0] // V
+    con = (V - 1) * contrastive(p, V, hp)
+    adv = contrastive(p[B:], 2, hp)  # rows [view 2; adversaries]: a 2-view batch
+    return con + beta * adv, {"nt_xent": con.detach(), "rocl_adv": adv.detach()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,18 +200,17 @@ def vae_urkle_loss(model, crops, labels, hp, beta):
 
 
 def ae_trades_loss(model, crops, labels, hp, beta):
-    """Deterministic AE + TRADES-style term: BCE(h(g(x)), x) + beta * ||h(g(x_adv)) - h(g(x))||^2,
-    x_adv maximising that distance."""
+    """Deterministic AE + TRADES-style term (paper Eq. 35/36): ||h(g(x)) - x||^2 + beta * ||h(g(x_adv)) -
+    h(g(x))||^2, both squared errors summed over pixels (so the two terms share units), x_adv maximising
+    the second. Clean and adversarial inputs go through separate passes (batch norm sees each alone)."""
     x = crops[0]
     x_adv = _attack(ae_recon(model, x), x, hp, model)
-    mu, _ = model.encode(torch.cat([x, x_adv]))
-    logits = model.decode_logits(mu)
-    n = x.shape[0]
-    recon = _bce(logits[:n], x)
-    r = torch.sigmoid(logits.float())
-    dist = (r[n:] - r[:n]).pow(2).flatten(1).sum(1).mean()
+    r = model.decode(model.encode(x)[0]).float()
+    r_adv = model.decode(model.encode(x_adv)[0]).float()
+    recon = (r - x.float()).pow(2).flatten(1).sum(1).mean()
+    dist = (r_adv - r).pow(2).flatten(1).sum(1).mean()
     loss = recon + beta * dist
-    return loss, {"recon": recon.detach(), "adv_dist": dist.detach()}
+    return loss, {"recon_se": recon.detach(), "adv_dist": dist.detach()}
 
 
 def standard_loss(model, crops, labels, hp, beta):
@@ -195,13 +230,13 @@ def adversarial_training_loss(model, crops, labels, hp, beta):
 
 
 def trades_loss(model, crops, labels, hp, beta):
-    """TRADES: CE(x) + beta * KL(p(y|x) || p(y|x_adv)), x_adv maximising that KL."""
+    """TRADES: CE(x) + beta * KL(p(y|x) || p(y|x_adv)), x_adv maximising that KL (Zhang et al. 2019)."""
     x = crops[0]
     x_adv = _attack(trades_kl(model, x), x, hp, model)
-    logits = model.logits(torch.cat([x, x_adv])).float()
-    n = x.shape[0]
-    ce = F.cross_entropy(logits[:n], labels)
-    logp, logq = F.log_softmax(logits[:n], 1), F.log_softmax(logits[n:], 1)
+    # two passes, as the official TRADES code: one joint pass would mix clean and adversarial batch statistics
+    logits, logits_adv = model.logits(x).float(), model.logits(x_adv).float()
+    ce = F.cross_entropy(logits, labels)
+    logp, logq = F.log_softmax(logits, 1), F.log_softmax(logits_adv, 1)
     kl = (logp.exp() * (logp - logq)).sum(1).mean()
     loss = ce + beta * kl
     return loss, {"ce": ce.detach(), "trades_kl": kl.detach()}
@@ -218,6 +253,10 @@ def register(method: Method) -> Method:
         raise ValueError(f"method {method.name!r} is registered twice")
     if (method.inputs is None) == (method.per_sample is None):
         raise ValueError(f"method {method.name!r}: give exactly one of inputs (contrastive) or per_sample")
+    if method.contrast is not None and method.inputs is None:
+        raise ValueError(f"method {method.name!r}: contrast is the loss of a contrastive method (give inputs too)")
+    if method.encoder not in ("gaussian", "deterministic"):
+        raise ValueError(f"method {method.name!r}: encoder must be 'gaussian' or 'deterministic', got {method.encoder!r}")
     METHODS[method.name] = method
     return method
 
@@ -232,20 +271,28 @@ _CONTRASTIVE_PRESETS = ("digits", "simclr")  # crops, flips, jitter (grey: no co
 _LIGHT_PRESETS = ("none", "light")  # the supervised and reconstruction baselines: flips and crops on colour only
 
 # beta_robust defaults: SimCLR+Urkle 0.01, tuned on digits (the KL is in units of (delta mu / sigma)^2 and
-# gets large; 0.1 and 1 collapsed the encoder); TRADES' 6 from its paper; VAE+Urkle and AE+TRADES 1 (their
-# reconstruction terms are summed over pixels, hundreds of nats)
+# gets large; 0.1 and 1 collapsed the encoder); RoCL 1/256, its official lamda; TRADES' 6 from its paper;
+# VAE+Urkle and AE+TRADES 1 (their reconstruction terms are summed over pixels). Only the Urkle methods ramp
+# beta in by default. SimCLR, RoCL and the AE are deterministic: the paper's probabilistic network "only
+# differs in the last layer". RoCL's training attack: its official 7 steps of 0.007 at eps 8/255, i.e.
+# alpha = 1.5617 * eps / steps.
+_ROCL_ALPHA_RULE = 0.007 * 7 / (8 / 255)
 register(Method("simclr_urkle", "contrastive", 2, 4, 0.01, _CONTRASTIVE_PRESETS,
                 "SimCLR + Urkle: NT-Xent over 2 crops and their 2 Urkle adversaries + beta * KL (paper Eq. 12)",
-                inputs=_urkle_inputs, extra=ExtraTerm("urkle_kl", _urkle_kl_term, lambda B: 2 * B)))
+                inputs=_urkle_inputs, extra=ExtraTerm("urkle_kl", _urkle_kl_term, lambda B: 2 * B), ramp=True))
 register(Method("simclr", "contrastive", 2, 2, 0.0, _CONTRASTIVE_PRESETS,
-                "plain SimCLR: NT-Xent over 2 crops", inputs=_simclr_inputs))
-register(Method("rocl", "contrastive", 2, 3, 0.0, _CONTRASTIVE_PRESETS,
-                "RoCL: the adversary of crop 1 against crop 2 joins as a third view", inputs=_rocl_inputs))
+                "plain SimCLR: NT-Xent over 2 crops, deterministic encoder", inputs=_simclr_inputs,
+                encoder="deterministic"))
+register(Method("rocl", "contrastive", 2, 3, 1 / 256, _CONTRASTIVE_PRESETS,
+                "RoCL (official code's loss and attack): the adversary of crop 1 against crop 2 joins as a third "
+                "view, + 1/256 x its NT-Xent against crop 2", inputs=_rocl_inputs, contrast=_rocl_contrast,
+                encoder="deterministic", alpha_rule=_ROCL_ALPHA_RULE))
 register(Method("vae_urkle", "vae", 1, 2, 1.0, _LIGHT_PRESETS,
                 "VAE + Urkle: reconstruction + beta_vae * prior KL + beta * Urkle KL (paper Eq. 6)",
-                per_sample=vae_urkle_loss))
+                per_sample=vae_urkle_loss, ramp=True))
 register(Method("ae_trades", "ae", 1, 2, 1.0, _LIGHT_PRESETS,
-                "deterministic auto-encoder + TRADES-style reconstruction distance", per_sample=ae_trades_loss))
+                "deterministic auto-encoder + TRADES-style reconstruction distance (paper Eq. 35/36)",
+                per_sample=ae_trades_loss, encoder="deterministic"))
 register(Method("standard", "supervised", 1, 1, 0.0, _LIGHT_PRESETS, "supervised cross-entropy",
                 per_sample=standard_loss))
 register(Method("at", "supervised", 1, 1, 0.0, _LIGHT_PRESETS, "adversarial training (Madry et al.)",

@@ -12,13 +12,14 @@ gradient of the full-batch loss (up to float rounding):
   plain accumulation would shrink the negatives to one chunk. Instead (Gao et al. 2021, "gradient
   cache"): (1) the attack for each chunk; (2) the projections of every chunk without autograd;
   (3) the NT-Xent over all of them (and, under torch.distributed, over every rank's:
-  nt_xent(..., gather_distributed=True)) and its gradient dL/dP with respect to the projections;
+  nt_xent(..., gather_distributed=True)), or the method's own ``contrast`` (RoCL), and its gradient
+  dL/dP with respect to the projections;
   (4) each chunk forwarded again with autograd and back-propagated with the surrogate <P_c, dL/dP_c>
   (+ the chunk's share of the method's extra term, the Urkle KL for SimCLR+Urkle). Step (4)
   replays the random state of step (2), so both draw the same z samples, and step (2) runs batch
   norm with momentum 0, so the running statistics are updated once per chunk, in step (4). The cost
   is one extra forward pass per step. Only the method's parts are called (``Method.inputs``,
-  ``Method.extra``): no method is named here, and a new contrastive method needs nothing here.
+  ``Method.extra``, ``Method.contrast_loss``): no method is named here, and a new contrastive method needs nothing here.
 
 What is not the full-batch computation, by design: batch norm sees one chunk at a time (as it sees one
 rank at a time under DDP without SyncBatchNorm), and RoCL's attack takes its negatives from the chunk.
@@ -36,7 +37,6 @@ import torch.nn as nn
 from torch import Tensor
 
 from urkle_fast.methods import LossParams, Method, embed
-from urkle_fast.ops import nt_xent
 
 
 def chunks(n: int, micro: int) -> list[slice]:
@@ -123,7 +123,7 @@ def _gradient_cache(model, method: Method, crops: Tensor, hp: LossParams, beta: 
     after = _RandomState(crops.device)
     # (3) the loss over every chunk (and every rank) and its gradient with respect to the projections
     P = torch.cat(projections, dim=1).detach().requires_grad_(True)
-    con = nt_xent(P, views=V, temperature=hp.temperature, denominator=hp.denominator, gather_distributed=True)
+    con, metrics = method.contrast_loss(P.flatten(0, 1), V, hp, beta)
     (dP,) = torch.autograd.grad(con, P)
     # (4) each chunk again, with autograd, back-propagating <P_c, dL/dP_c> (+ its share of the extra term)
     extra, n_terms = method.extra, (method.extra.count(B) if method.extra else 1)
@@ -141,5 +141,5 @@ def _gradient_cache(model, method: Method, crops: Tensor, hp: LossParams, beta: 
     after.restore()
     con = con.detach()
     if extra is None:
-        return con, {"nt_xent": con}
-    return con + beta * extra_total, {"nt_xent": con, extra.name: extra_total}
+        return con, metrics
+    return con + beta * extra_total, {**metrics, extra.name: extra_total}

@@ -42,6 +42,7 @@ from urkle_fast.checkpoint import (CheckpointError, checkpoint_bytes, load_check
 from urkle_fast.cli import config_from, flag as _flag, given_fields, opt, parser_for
 from urkle_fast.data import INFO, BadImageError, DataRootError, InMemoryDataset, load_dataset, num_classes_of
 from urkle_fast.data.loader import forever, make_train_loader, resolve_loader
+from urkle_fast.data.datasets import balanced_subset
 from urkle_fast.defaults import DATASETS, defaults_for, help_for
 from urkle_fast.methods import METHODS, LossParams, Method, get_method
 from urkle_fast.microbatch import micro_batched_step
@@ -64,6 +65,10 @@ class TrainConfig:
     stem: Optional[str] = opt(None, "ResNet stem: cifar (3x3 conv, no max-pool) or imagenet; None: cifar up to 64 px",
                               choices=["cifar", "imagenet"])
     d_z: Optional[int] = opt(None, "width of z; None: " + ", ".join(f"{a} {d}" for a, d in ARCH_D_Z.items()))
+    encoder: Optional[str] = opt(None, "p(z|x): gaussian (a learned sigma) or deterministic (z = mu, a linear last "
+                                 "layer); None: the method's (" + ", ".join(f"{m.name} {m.encoder}" for m in METHODS.values()
+                                                                    if m.family != "supervised") + ")",
+                                 choices=["gaussian", "deterministic"])
     variance: str = opt("softplus", "sigma = softplus(.) + sigma_min, or exp(logvar / 2)", choices=["softplus", "exp"])
     sigma_min: float = opt(0.01, "floor of the Gaussian head's sigma")
     proj_hidden: Optional[int] = opt(None, "projector hidden width; None: 2048 for ResNets, 256 otherwise")
@@ -82,20 +87,27 @@ class TrainConfig:
     # objectives (None: per method / dataset defaults, resolved before training and saved)
     eps: Optional[float] = opt(None, "train eps in [0,1] pixels; None: " + help_for("train_eps"))
     pgd_steps: int = opt(7, "PGD steps of the training attacks")
-    pgd_alpha: Optional[float] = opt(None, "PGD step; None: 2.5 * eps / pgd_steps")
+    pgd_alpha: Optional[float] = opt(None, "PGD step; None: 2.5 * eps / pgd_steps (rocl: 1.5617 * eps / pgd_steps, "
+                                     "its official 0.007 at 8/255 in 7 steps)")
     norm: str = opt("linf", "ball of the training attacks", choices=["linf", "l2"])
     beta_robust: Optional[float] = opt(None, "weight of the robustness term; None: the method's default ("
                                        + ", ".join(f"{m.name} {m.default_beta:g}" for m in METHODS.values()) + ")")
-    beta_warmup_epochs: Optional[float] = opt(None, "beta_robust ramps linearly from 0 over these epochs; "
-                                              "None: --warmup-epochs")
+    beta_warmup_epochs: Optional[float] = opt(None, "beta_robust ramps linearly from 0 over these epochs; None: "
+                                              "--warmup-epochs for " + ", ".join(m.name for m in METHODS.values()
+                                                                               if m.ramp) + ", 0 (no ramp) for the others")
     beta_vae: float = opt(0.0, "weight of the prior KL in vae_urkle (0 in the paper's MNIST table)")
     temperature: float = opt(0.5, "NT-Xent temperature")
     denominator: str = opt("all", "NT-Xent denominator: all (SimCLR) or negatives (paper Eq. 9)",
                            choices=["all", "negatives"])
-    eot: int = opt(1, "z samples averaged per RoCL attack step")
+    eot: int = opt(1, "z samples averaged per RoCL attack step (with --encoder gaussian)")
+    detach_columns: bool = opt(False, "NT-Xent with RoCL's official similarity P P.detach()^T (gradient through the "
+                               "rows only), in the loss and RoCL's attack; eager, one process")
     augment: Optional[str] = opt(None, "augmentation preset; None: the method's (simclr / digits for contrastive "
                                  "methods, light / none otherwise)", choices=["simclr", "digits", "light", "none"])
     train_subset: Optional[int] = opt(None, "use the first N training images")
+    label_budget: Optional[int] = opt(None, "supervised methods: train on a class-balanced seeded subset of N labelled "
+                                      "images (the paper's 5000 / 1000 columns; the same subset as eval's heads with "
+                                      "its default --seed 0)")
     # machinery
     seed: int = opt(0, "seed of the data order, augmentation, initialisation and attacks")
     device: str = opt("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
@@ -135,6 +147,7 @@ class TrainConfig:
     image_size: Optional[int] = opt(None, "training crop size; None: the dataset's (8 digits, 28 mnist, 32 cifar, "
                                     "224 folder / imagenet)")
     num_classes: Optional[int] = opt(None, cli=False)
+    classifier: Optional[str] = opt(None, cli=False)  # a supervised model's last layers: the dataset's head kind
     pixel_mean: Optional[list] = opt(None, cli=False)
     pixel_std: Optional[list] = opt(None, cli=False)
 
@@ -148,7 +161,7 @@ RUNTIME_FIELDS = ("out_dir", "resume", "overwrite", "progress", "num_workers", "
 # read or chunked, and the base lr (lowering it is how a diverged run is continued). Every other flag given
 # with --resume must agree with the checkpoint, or the resume is refused with the flags named.
 APPLIED_ON_RESUME = ("data_root", "loader", "micro_batch", "skip_bad_images", "base_lr")
-FILLED_FIELDS = ("family", "in_channels", "num_classes", "pixel_mean", "pixel_std")  # resolve_config's
+FILLED_FIELDS = ("family", "in_channels", "num_classes", "pixel_mean", "pixel_std", "classifier")  # resolve_config's
 
 
 class StepOutOfMemoryError(RuntimeError):
@@ -188,7 +201,7 @@ def validate(cfg: TrainConfig) -> None:
         need(getattr(cfg, name) >= 1, name, "an integer >= 1")
     for name in ("ckpt_every", "pgd_steps", "num_workers"):
         need(getattr(cfg, name) >= 0, name, "an integer >= 0")
-    for name in ("threads", "train_subset", "max_steps", "epochs", "batch_size", "micro_batch", "d_z", "image_size",
+    for name in ("threads", "train_subset", "label_budget", "max_steps", "epochs", "batch_size", "micro_batch", "d_z", "image_size",
                  "proj_hidden", "proj_dim"):
         if getattr(cfg, name) is not None:
             need(getattr(cfg, name) >= 1, name, "an integer >= 1")
@@ -210,6 +223,15 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     method, table, info = get_method(cfg.method), defaults_for(cfg.dataset), INFO[cfg.dataset]
     c = dataclasses.replace(cfg)
     c.family = method.family
+    if c.label_budget is not None and c.family != "supervised":
+        raise ValueError(f"--label-budget {c.label_budget}: {c.method} trains without labels; the label budget of its "
+                         f"downstream head is eval's --label-budgets")
+    if c.encoder is not None and c.family == "supervised":
+        raise ValueError(f"--encoder {c.encoder}: {c.method} is a classifier, it has no p(z|x)")
+    if c.encoder == "gaussian" and c.family == "ae":
+        raise ValueError("--encoder gaussian: ae_trades is the deterministic auto-encoder (vae_urkle is the Gaussian one)")
+    c.encoder = None if c.family == "supervised" else (c.encoder or method.encoder)
+    c.classifier = c.classifier or (table.head if c.family == "supervised" else None)
     c.arch = c.arch or table.arch
     c.epochs = table.epochs if c.epochs is None else c.epochs
     c.batch_size = table.batch if c.batch_size is None else c.batch_size
@@ -220,9 +242,10 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     c.proj_hidden = c.proj_hidden or (2048 if c.arch.startswith("resnet") else 256)
     c.proj_dim = c.proj_dim or (128 if c.arch.startswith("resnet") else 64)
     c.eps = table.train_eps if c.eps is None else c.eps
-    c.pgd_alpha = 2.5 * c.eps / max(1, c.pgd_steps) if c.pgd_alpha is None else c.pgd_alpha
+    c.pgd_alpha = method.alpha_rule * c.eps / max(1, c.pgd_steps) if c.pgd_alpha is None else c.pgd_alpha
     c.beta_robust = method.default_beta if c.beta_robust is None else c.beta_robust
-    c.beta_warmup_epochs = c.warmup_epochs if c.beta_warmup_epochs is None else c.beta_warmup_epochs
+    if c.beta_warmup_epochs is None:  # the ramp is an Urkle choice; the baselines run as their papers do
+        c.beta_warmup_epochs = c.warmup_epochs if method.ramp else 0.0
     c.in_channels = c.in_channels or info.in_channels
     c.augment = c.augment or method.preset(c.in_channels)
     c.image_size = c.image_size or info.image_size
@@ -342,6 +365,7 @@ def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, Optional[dict]]:
     state = load_checkpoint(source)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = {k: v for k, v in state["config"].items() if k in known}
+    _fill_older(saved)
     given = _given(cfg) - set(RUNTIME_FIELDS) - set(FILLED_FIELDS)
     differ = {k: (saved.get(k), getattr(cfg, k)) for k in sorted(given) if getattr(cfg, k) != saved.get(k)}
     refused = {k: v for k, v in differ.items() if k not in APPLIED_ON_RESUME}
@@ -356,6 +380,27 @@ def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, Optional[dict]]:
     return TrainConfig(**merged), state
 
 
+def _fill_older(saved: dict) -> None:
+    """Configs of checkpoints written before a field existed: the value those runs used."""
+    family = saved.get("family") or get_method(saved.get("method")).family
+    if family != "supervised":
+        saved.setdefault("encoder", "deterministic" if family == "ae" else "gaussian")
+    else:
+        saved.setdefault("classifier", "linear")
+    saved.setdefault("beta_warmup_epochs", saved.get("warmup_epochs"))
+
+
+def _labels_of(ds) -> torch.Tensor:
+    """Every label of a training set without decoding its images."""
+    if isinstance(ds, torch.utils.data.Subset):
+        return _labels_of(ds.dataset)[torch.as_tensor(ds.indices, dtype=torch.long)]
+    for owner in (ds, getattr(ds, "inner", None)):
+        for attr in ("labels", "targets"):
+            if getattr(owner, attr, None) is not None:
+                return torch.as_tensor(getattr(owner, attr)).long()
+    return torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+
+
 def _train_dataset(cfg: TrainConfig):
     ds = load_dataset(cfg.dataset, cfg.data_root, "train", image_size=cfg.image_size)
     if hasattr(ds, "skip_bad_images"):
@@ -367,6 +412,14 @@ def _train_dataset(cfg: TrainConfig):
         else:
             classes = ds.classes
             ds = torch.utils.data.Subset(ds, range(min(cfg.train_subset, len(ds))))
+            ds.classes = classes
+    if cfg.label_budget:  # seed 0, as eval's heads: a model of the 1000-label column saw those 1000 images only
+        idx = balanced_subset(_labels_of(ds), cfg.label_budget, seed=0)
+        if isinstance(ds, InMemoryDataset):
+            ds = InMemoryDataset(ds.images[idx], ds.labels[idx], ds.classes)
+        else:
+            classes = ds.classes
+            ds = torch.utils.data.Subset(ds, idx.tolist())
             ds.classes = classes
     return ds
 
@@ -389,6 +442,8 @@ def setup(cfg: TrainConfig) -> Run:
     cfg = resolve_config(cfg)
     ctx, method = udist.context(cfg.device), get_method(cfg.method)
     world, rank, on_cuda = ctx.world_size, ctx.rank, ctx.device.type == "cuda"
+    if cfg.detach_columns and world > 1:
+        raise ValueError("--detach-columns is the eager reference NT-Xent of one process; drop it under torchrun")
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the "
                          f"number of processes ({world})")

@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -295,3 +295,42 @@ def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
     if n == 0:
         raise ValueError(f"batch size {batch_size} is larger than the dataset ({len(ds)} images)")
     return n
+
+
+Budget = Union[int, str]
+
+
+def parse_budget(b: Budget) -> Budget:
+    if isinstance(b, str) and b != "all":
+        if not b.isdigit():
+            raise ValueError(f"label budget must be 'all' or a positive integer, got {b!r}")
+        b = int(b)
+    if isinstance(b, int) and b <= 0:
+        raise ValueError(f"label budget must be positive, got {b}")
+    return b
+
+
+def balanced_subset(labels: torch.Tensor, budget: Budget, *, seed: int = 0) -> torch.Tensor:
+    """Indices of a class-balanced subset of ``budget`` labels, the same for the same seed.
+
+    Each class gets ``budget // C`` examples; the ``budget % C`` left over go to a seeded random
+    choice of classes, one each. ``budget == "all"`` returns every index. Sorted int64 [budget].
+    """
+    budget = parse_budget(budget)
+    labels = torch.as_tensor(labels).long().cpu()
+    if budget == "all":
+        return torch.arange(len(labels))
+    if budget > len(labels):
+        raise ValueError(f"label budget {budget} exceeds the {len(labels)} training labels")
+    g = torch.Generator().manual_seed(int(seed))
+    classes = torch.unique(labels)
+    per, rem = divmod(budget, len(classes))
+    extra = set(classes[torch.randperm(len(classes), generator=g)[:rem]].tolist())
+    out = []
+    for c in classes.tolist():
+        idx = (labels == c).nonzero(as_tuple=True)[0]
+        n = per + (1 if c in extra else 0)
+        if n > len(idx):
+            raise ValueError(f"label budget {budget}: class {c} has only {len(idx)} examples, needs {n}")
+        out.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    return torch.cat(out).sort().values

@@ -8,63 +8,15 @@ probabilities over S samples of z, and the deterministic z = mu path is reported
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-Budget = Union[int, str]
-
-
-def make_head(kind: str, d_in: int, num_classes: int, hidden: int = 256) -> nn.Module:
-    """``linear``: one layer; ``mlp3``: three FC layers, BN + ReLU after the first two (MNIST)."""
-    if kind == "linear":
-        return nn.Linear(d_in, num_classes)
-    if kind == "mlp3":
-        return nn.Sequential(
-            nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, num_classes),
-        )
-    raise ValueError(f"unknown head kind {kind!r}; expected 'linear' or 'mlp3'")
-
-
-def parse_budget(b: Budget) -> Budget:
-    if isinstance(b, str) and b != "all":
-        if not b.isdigit():
-            raise ValueError(f"label budget must be 'all' or a positive integer, got {b!r}")
-        b = int(b)
-    if isinstance(b, int) and b <= 0:
-        raise ValueError(f"label budget must be positive, got {b}")
-    return b
-
-
-def balanced_subset(labels: torch.Tensor, budget: Budget, *, seed: int = 0) -> torch.Tensor:
-    """Indices of a class-balanced subset of ``budget`` labels, the same for the same seed.
-
-    Each class gets ``budget // C`` examples; the ``budget % C`` left over go to a seeded random
-    choice of classes, one each. ``budget == "all"`` returns every index. Sorted int64 [budget].
-    """
-    budget = parse_budget(budget)
-    labels = torch.as_tensor(labels).long().cpu()
-    if budget == "all":
-        return torch.arange(len(labels))
-    if budget > len(labels):
-        raise ValueError(f"label budget {budget} exceeds the {len(labels)} training labels")
-    g = torch.Generator().manual_seed(int(seed))
-    classes = torch.unique(labels)
-    per, rem = divmod(budget, len(classes))
-    extra = set(classes[torch.randperm(len(classes), generator=g)[:rem]].tolist())
-    out = []
-    for c in classes.tolist():
-        idx = (labels == c).nonzero(as_tuple=True)[0]
-        n = per + (1 if c in extra else 0)
-        if n > len(idx):
-            raise ValueError(f"label budget {budget}: class {c} has only {len(idx)} examples, needs {n}")
-        out.append(idx[torch.randperm(len(idx), generator=g)[:n]])
-    return torch.cat(out).sort().values
+from urkle_fast.data.datasets import Budget, balanced_subset, parse_budget  # noqa: F401  (the trainer uses them too)
+from urkle_fast.models.heads import make_head  # noqa: F401  (the head is shared with the classifiers)
 
 
 @torch.no_grad()

@@ -4,14 +4,15 @@ Every model is an nn.Module with ``kind`` in {"representation", "supervised"} an
 NCHW (pixel normalisation happens inside, so attack epsilons are in [0, 1] pixels).
 
 * representation: ``encode(x) -> (mu, logvar)``, each [B, d_z] (p(z|x)); ``d_z``; ``deterministic``
-  (True for the auto-encoder of AE+TRADES: logvar is the constant DETERMINISTIC_LOGVAR, so sampling
-  returns mu up to 5e-5); ``sample(mu, logvar)``; SimCLR-type models also ``project(z)``,
+  (True for SimCLR, RoCL and the auto-encoder of AE+TRADES: a linear last layer, logvar the constant
+  DETERMINISTIC_LOGVAR, and ``sample`` returns mu); ``sample(mu, logvar)``; SimCLR-type models also ``project(z)``,
   VAE / AE models also ``decode(z)`` (pixel means in [0, 1]) and ``decode_logits(z)``.
 * supervised: ``logits(x) -> [B, num_classes]``; ``forward = logits``.
 
 ``build_model(config)`` rebuilds a model from a resolved training config dict (checkpoint["config"]):
 its ``family`` (contrastive, vae, ae or supervised: the method registry says which a method needs)
-and its architecture. Models know families, never method names.
+and its architecture, its ``encoder`` (gaussian or deterministic) and, for classifiers, its ``classifier``
+head (linear or mlp3). Models know families, never method names.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .backbones import DigitsConv, DigitsDecoder, MNISTConv, MNISTDecoder, resnet
-from .heads import GaussianHead, Normalize, Projector
+from .heads import GaussianHead, Normalize, Projector, make_head
 
 __all__ = [
     "RepresentationModel", "SupervisedModel", "GaussianHead", "Projector", "Normalize", "build_model",
@@ -75,9 +76,10 @@ class RepresentationModel(nn.Module):
 
     forward = encode
 
-    @staticmethod
-    def sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """Reparameterised z = mu + sigma * eps."""
+    def sample(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """Reparameterised z = mu + sigma * eps; a deterministic encoder returns mu itself (logvar ignored)."""
+        if self.deterministic:
+            return mu
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
@@ -100,12 +102,13 @@ class SupervisedModel(nn.Module):
 
     kind = "supervised"
 
-    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, mean, std):
+    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, mean, std, classifier: str = "linear"):
         super().__init__()
         self.num_classes = num_classes
         self.normalize = Normalize(mean, std)
         self.backbone = backbone
-        self.classifier = nn.Linear(feat_dim, num_classes)
+        # the same classifier as the representation models' downstream head (the paper's MNIST: three FC layers)
+        self.classifier = make_head(classifier, feat_dim, num_classes)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.backbone(self.normalize(x)).flatten(1))
@@ -125,16 +128,22 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
     mean, std = config["pixel_mean"], config["pixel_std"]
     backbone, feat_dim = _backbone(arch, in_ch, config.get("stem", "cifar"))
     if family == "supervised":
-        return SupervisedModel(backbone, feat_dim, int(config["num_classes"]), mean, std)
+        return SupervisedModel(backbone, feat_dim, int(config["num_classes"]), mean, std,
+                               classifier=config.get("classifier") or "linear")
     d_z = int(config["d_z"])
     kw = dict(variance=config.get("variance", "softplus"), sigma_min=float(config.get("sigma_min", 1e-2)))
+    # checkpoints written before configs named the encoder: only the auto-encoder was deterministic
+    encoder = config.get("encoder") or ("deterministic" if family == "ae" else "gaussian")
+    if encoder not in ("gaussian", "deterministic"):
+        raise ValueError(f"unknown encoder {encoder!r}; expected 'gaussian' or 'deterministic'")
     if family == "contrastive":
         proj = Projector(d_z, int(config["proj_hidden"]), int(config["proj_dim"]))
-        return RepresentationModel(backbone, feat_dim, d_z, mean, std, projector=proj, **kw)
+        return RepresentationModel(backbone, feat_dim, d_z, mean, std, projector=proj,
+                                   deterministic=(encoder == "deterministic"), **kw)
     decoders = {"mnist_conv": MNISTDecoder, "digits_conv": DigitsDecoder}
     if arch not in decoders:
         raise ValueError(f"model family {family!r} needs a decoder; available for arch mnist_conv or digits_conv, "
                          f"not {arch!r}")
     decoder = decoders[arch](d_z, in_ch)
     return RepresentationModel(backbone, feat_dim, d_z, mean, std, decoder=decoder,
-                               deterministic=(family == "ae"), **kw)
+                               deterministic=(encoder == "deterministic"), **kw)

@@ -67,3 +67,16 @@ class Projector(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
+
+
+def make_head(kind: str, d_in: int, num_classes: int, hidden: int = 256) -> nn.Module:
+    """``linear``: one layer; ``mlp3``: three FC layers, BN + ReLU after the first two (MNIST)."""
+    if kind == "linear":
+        return nn.Linear(d_in, num_classes)
+    if kind == "mlp3":
+        return nn.Sequential(
+            nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+    raise ValueError(f"unknown head kind {kind!r}; expected 'linear' or 'mlp3'")

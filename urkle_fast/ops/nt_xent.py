@@ -76,6 +76,16 @@ def nt_xent_reference(z: Tensor, *, views: int, temperature: float = 0.5, denomi
     return loss_rows.sum() / (z2.shape[0] * (views - 1))
 
 
+def nt_xent_column_detached(z: Tensor, *, views: int, temperature: float = 0.5, denominator: str = "all") -> Tensor:
+    """NT-Xent with RoCL's official similarity S = P (P.detach())^T (Kim et al. 2020, loss.py): the value of
+    ``nt_xent``, but the gradient flows through each row's own projection only. Eager and one process (no
+    fused kernel, no gather): an option for reproducing RoCL, not a fast path."""
+    check_nt_xent_args("nt_xent_column_detached", z, views, temperature, denominator)
+    z2 = z.reshape(-1, z.shape[-1])
+    loss_rows, _ = nt_xent_rows_reference(z2, z2.detach(), views, temperature, DENOMINATORS[denominator], 0)
+    return (loss_rows.sum() / (z2.shape[0] * (views - 1))).to(torch.float32)
+
+
 def _backend_for(t: Tensor) -> str:
     return _backend.select_for("nt_xent", t)
 

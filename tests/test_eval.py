@@ -111,7 +111,7 @@ def test_square_attack_is_gradient_free_and_breaks_an_undefended_model(digits, s
     clean = robust_accuracy(clf, x, y, attack="square", eps=0.0, steps=300)
     sq = robust_accuracy(clf, x, y, attack="square", eps=eps, steps=300, seed=3)
     assert clean > 0.9 and sq < 0.5 * clean, (clean, sq)
-    with pytest.raises(ValueError, match="expected 'pgd', 'apgd' or 'square'"):
+    with pytest.raises(ValueError, match="unknown attack 'fgsm'"):
         robust_accuracy(clf, x, y, attack="fgsm", eps=eps, steps=1)
 
 
@@ -196,7 +196,8 @@ def test_evaluate_models_writes_table_json_pngs(tmp_path, digits, standard):
     res = evaluate_models(models, EvalConfig(dataset="digits", eps=[0.1, 0.2], out=str(tmp_path),
                                              label_budgets=["all", 100], samples=4, attack_steps=5, apgd_steps=5,
                                              n_test=60, sweep_eps=[0.0, 0.3], sweep_n_test=40, head_epochs=5,
-                                             fig2_images=2, verbose=False), splits=digits)
+                                             fig2_images=2, square_queries=0, eot_iter=2, verbose=False),
+                          splits=digits)
     for f in ("table.md", "results.json", "accuracy_vs_eps.png", "accuracy_vs_eps_Standard.png",
               "accuracy_vs_eps_Tiny_VAE.png", "zspace_Tiny_VAE.png"):
         assert (tmp_path / f).is_file() and (tmp_path / f).stat().st_size > 0, f
@@ -207,12 +208,12 @@ def test_evaluate_models_writes_table_json_pngs(tmp_path, digits, standard):
     for path in ("samples", "mu"):
         assert set(r["paths"][path]["pgd"]) == {"0.1", "0.2"} and set(r["paths"][path]["apgd"]) == {"0.1", "0.2"}
         assert 0.0 <= r["paths"][path]["clean"] <= 1.0
-        for e in ("0.1", "0.2"):  # correct under both attacks <= correct under either
-            both = r["paths"][path]["both"][e]
-            assert both <= min(r["paths"][path]["pgd"][e], r["paths"][path]["apgd"][e]) + 1e-9
+        for e in ("0.1", "0.2"):  # correct under every attack <= correct under any one
+            worst = r["paths"][path]["worst"][e]
+            assert worst <= min(r["paths"][path]["pgd"][e], r["paths"][path]["apgd"][e]) + 1e-9
     md = (tmp_path / "table.md").read_text()
-    assert "| Standard |" in md and "| Tiny VAE |" in md and "PGD 0.1" in md and "APGD 0.2" in md and "PGD&APGD 0.1" in md
-    assert md.count("## Labels:") == 4  # 2 budgets x (S-sample, mu)
+    assert "| Standard |" in md and "| Tiny VAE |" in md and "PGD 0.1" in md and "APGD-CE 0.2" in md and "worst 0.1" in md
+    assert md.count("## Task digit, labels") == 2  # 2 budgets
     assert res["models"]["Standard"]["budgets"]["all"]["paths"]["samples"]["clean"] > 0.9
     assert all(p.requires_grad for p in standard.parameters())  # the caller's model is left as it was
 
@@ -227,7 +228,7 @@ def test_square_columns_in_the_table(tmp_path, digits, standard):
     assert r["worst"]["0.1"] <= min(r["pgd"]["0.1"], r["apgd"]["0.1"], r["square"]["0.1"]) + 1e-9
     assert 0.0 <= r["square"]["0.1"] <= 1.0
     md = (tmp_path / "table.md").read_text()
-    assert "Square 0.1" in md and "worst 0.1" in md and "Square (gradient-free): 40 queries" in md
+    assert "Square 0.1" in md and "worst 0.1" in md and "Square with 40 queries" in md
     assert "2 restarts" in md and res["settings"]["pgd_restarts"] == 2
 
 
@@ -243,16 +244,17 @@ def test_checkpoint_roundtrip_and_cli(tmp_path):
     res = evaluate_checkpoints({"Standard": ckpt, "VAE+Urkle": vae},
                                EvalConfig(dataset="digits", eps=[0.05, 0.1], out=str(tmp_path / "ev"),
                                           label_budgets=["all", 50], attack_steps=3, apgd_steps=3, n_test=30,
-                                          sweep_eps=[0.0, 0.5], sweep_n_test=20, head_epochs=2, verbose=False))
+                                          sweep_eps=[0.0, 0.5], sweep_n_test=20, head_epochs=2, square_queries=0,
+                                          eot_iter=2, verbose=False))
     assert res["models"]["Standard"]["kind"] == "supervised"
     assert res["models"]["Standard"]["checkpoint"] == ckpt
     assert res["models"]["VAE+Urkle"]["kind"] == "representation"
     assert res["models"]["VAE+Urkle"]["budgets"]["50"]["n_labels"] == 50
     r = res["models"]["VAE+Urkle"]["budgets"]["all"]["paths"]["samples"]
-    assert set(r["pgd"]) == {"0.05", "0.1"} and 0.0 <= r["both"]["0.1"] <= r["pgd"]["0.1"]
+    assert set(r["pgd"]) == {"0.05", "0.1"} and 0.0 <= r["worst"]["0.1"] <= r["pgd"]["0.1"]
     assert (tmp_path / "ev" / "zspace_VAE_Urkle.png").is_file()
     cli = main(["--checkpoint", ckpt, "--name", "Std", "--eps", "0.1", "--out", str(tmp_path / "cli"),
-                "--attack-steps", "2", "--apgd-steps", "0", "--n-test", "20", "--no-plots"])
+                "--attack-steps", "2", "--apgd-steps", "0", "--square-queries", "0", "--n-test", "20", "--no-plots"])
     assert (tmp_path / "cli" / "table.md").is_file() and "Std" in cli["models"]
     assert cli["settings"]["apgd_steps"] == 0
 
@@ -322,7 +324,7 @@ def test_evaluate_a_checkpoint_on_an_imagefolder_tree(tmp_path, data_root):
     res = evaluate_checkpoints({"urkle": ck}, EvalConfig(dataset="folder", eps=[2 / 255], out=str(tmp_path / "ev"),
                                                          attack_steps=2, apgd_steps=0, n_test=12, samples=2,
                                                          head_epochs=2, sweep_eps=[0.0], sweep_n_test=8, fig2_images=0,
-                                                         verbose=False, num_workers=0))
+                                                         verbose=False, num_workers=0, square_queries=0, eot_iter=1))
     r = res["models"]["urkle"]["budgets"]["all"]
     assert r["n_labels"] == 48 and res["settings"]["n_test"] == 12
     for path in ("samples", "mu"):
@@ -336,7 +338,8 @@ def test_evaluate_a_checkpoint_on_an_imagefolder_tree(tmp_path, data_root):
 
 EVAL_KW = dict(dataset="digits", eps=[0.2], label_budgets=["all", 100], attack_steps=1, apgd_steps=2,
                n_test=100, samples=3, sweep_eps=[0.0, 0.1], sweep_n_test=16, head_epochs=3, batch_size=16,
-               fig2_images=0, verbose=False, device="cpu", num_workers=0)
+               fig2_images=0, verbose=False, device="cpu", num_workers=0, square_queries=10, eot_iter=2,
+               apgd_targets=2)
 
 
 def _eval_worker(rank, world, ckpts, out_dir):
@@ -417,7 +420,8 @@ def test_torchrun_eval_cli_matches_one_process(tmp_path):
     ck = train(TrainConfig(method="simclr_urkle", out_dir=str(tmp_path / "run"), progress=False,
                            **{**DEMO, "epochs": 4, "warmup_epochs": 1, "beta_warmup_epochs": 1}))["checkpoint"]
     args = ["--checkpoint", ck, "--eps", "0.1", "--attack-steps", "2", "--apgd-steps", "2", "--n-test", "200",
-            "--device", "cpu", "--sweep-eps", "0", "0.1", "--sweep-n-test", "32", "--head-epochs", "5"]
+            "--device", "cpu", "--sweep-eps", "0", "0.1", "--sweep-n-test", "32", "--head-epochs", "5",
+            "--square-queries", "10", "--eot-iter", "2", "--apgd-targets", "2"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "urkle_fast.eval", *args, "--out", str(tmp_path / "two")],
                           capture_output=True, text=True, timeout=300)

@@ -17,6 +17,7 @@ from Python.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -36,11 +37,14 @@ from .checkpoint import CheckpointError, load_model
 from .cli import config_from, flag as _flag, opt, parser_for
 from .data import INFO, to_float01
 from .defaults import DATASETS, defaults_for, help_for
-from .evaluation.attacks import robust_accuracy
+from .checkpoint import write_atomic
+from .evaluation.attacks import attack_scores, wilson_interval
+from .evaluation.bound import proposition1
 from .evaluation.datasets import Split, load_split
 from .evaluation.probe import (ProbabilisticClassifier, balanced_subset, encode_dataset, make_head, parse_budget, predict,
                                train_head)
 from .evaluation.report import markdown_table, write_outputs
+from .evaluation.tasks import get_task, primary_task
 
 
 @dataclass
@@ -55,13 +59,22 @@ class EvalConfig:
     out: Optional[str] = opt("runs/eval", "output folder (None from Python: write nothing)")
     label_budgets: list[str] = opt(help="'all' and/or label counts, e.g. all 5000 1000", factory=lambda: ["all"])
     samples: int = opt(10, "S, z samples averaged per prediction (paper Eq. 1)")
-    attack_steps: int = opt(20, "PGD steps")
+    attack_steps: int = opt(20, "PGD steps (the paper's attack)")
     alpha: Optional[float] = opt(None, "PGD step; None: eps / 10")
-    eot_iter: int = opt(1, "forwards averaged per attack step (EOT)")
-    apgd_steps: int = opt(100, "APGD-CE iterations; 0 disables")
-    square_queries: int = opt(0, "Square Attack (gradient-free) queries per image; 0 disables (1000-5000 to check "
-                              "for gradient masking)")
+    eot_iter: int = opt(20, "forwards averaged per gradient step on the S-sample prediction (EOT; AutoAttack's rand "
+                        "version: 20); the z = mu path and classifiers are deterministic and use 1")
+    apgd_steps: int = opt(100, "APGD iterations (APGD-CE, APGD-DLR, APGD-T per target); 0 disables all three")
+    apgd_targets: int = opt(9, "APGD-T target classes (AutoAttack: 9); 0 disables APGD-T")
+    square_queries: int = opt(5000, "Square Attack (gradient-free) queries per image (AutoAttack: 5000); 0 disables")
+    transfer: bool = opt(True, "score every adversary of the z = mu path on the S-sample prediction too")
+    redraws: int = opt(5, "fresh predictions that score an adversary of the S-sample prediction: a fool counts "
+                       "when most of them are wrong")
     pgd_restarts: int = opt(1, "PGD runs from different random starts; an image must survive all")
+    tasks: Optional[list[str]] = opt(None, "downstream tasks, a head each on the same frozen representation: digit, "
+                                     "parity, gt4 (digits, mnist); class, animal_vehicle (cifar10); class (any); "
+                                     "None: the dataset's classes")
+    heads: Optional[str] = opt(None, "folder of saved heads (an earlier run's <out>/heads): reuse those that match "
+                               "instead of training them")
     n_test: Optional[int] = opt(None, "class-balanced seeded test subset; None: the whole test set")
     sweep_eps: Optional[list[float]] = opt(None, "epsilons of the accuracy-vs-eps plot; None: per dataset "
                                            "(urkle_fast.defaults)")
@@ -69,7 +82,12 @@ class EvalConfig:
     head: Optional[str] = opt(None, "downstream head; None: " + help_for("head"), choices=["linear", "mlp3"])
     head_epochs: Optional[int] = opt(None, "None: " + help_for("head_epochs"))
     head_lr: float = opt(1e-3, "Adam lr of the head")
-    bounded_M: Optional[float] = opt(None, "bounded softmax of paper footnote 1 (-log p <= M)")
+    bounded_M: Optional[float] = opt(None, "bounded softmax of paper footnote 1 (-log p <= M) in every prediction")
+    bound: Optional[float] = opt(None, "Proposition 1 at this M: clean term, max KL, right- and left-hand sides and "
+                                 "the per-example check, per model, task, budget and eps (Gaussian encoders)")
+    bound_samples: int = opt(64, "z samples per image in the Proposition 1 estimates (>= 32)")
+    head_loss: str = opt("ce", "train heads on the cross-entropy, or on the bounded loss of --bound M",
+                         choices=["ce", "bounded"])
     batch_size: int = opt(256, "attack batch")
     seed: int = opt(0, "seed of the label subsets, heads, random starts and z samples")
     device: Optional[str] = opt(None, "default: cuda when available, else cpu")
@@ -113,6 +131,7 @@ class _Job:
     y_test: torch.Tensor
     x_sw: torch.Tensor
     y_sw: torch.Tensor
+    d_z: Optional[int] = None  # the representation being evaluated (heads of ranks > 0 are built to this width)
 
     @property
     def main(self) -> bool:
@@ -132,19 +151,28 @@ def validate(cfg: EvalConfig) -> None:
     for e in cfg.sweep_eps or ():
         if not (isinstance(e, (int, float)) and math.isfinite(e) and 0 <= e <= 1):
             raise ValueError(f"--sweep-eps must be in [0, 1], got {e!r}")
-    for name in ("samples", "pgd_restarts", "eot_iter", "batch_size", "n_test", "sweep_n_test", "head_epochs"):
+    for name in ("samples", "pgd_restarts", "eot_iter", "redraws", "batch_size", "n_test", "sweep_n_test",
+                 "head_epochs"):
         v = getattr(cfg, name)
         if v is not None and not (isinstance(v, int) and v >= 1):
             raise ValueError(f"{_flag(name)} must be an integer >= 1, got {v!r}")
-    for name in ("attack_steps", "apgd_steps", "square_queries", "fig2_images", "num_workers"):
+    for name in ("attack_steps", "apgd_steps", "apgd_targets", "square_queries", "fig2_images", "num_workers"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)!r}")
-    for name in ("head_lr", "alpha", "bounded_M"):
+    if cfg.head_loss == "bounded" and cfg.bound is None:
+        raise ValueError("--head-loss bounded trains heads on the bounded loss of --bound M: give --bound too")
+    if cfg.bound_samples < 32:
+        raise ValueError(f"--bound-samples must be >= 32, got {cfg.bound_samples!r}")
+    for name in ("head_lr", "alpha", "bounded_M", "bound"):
         v = getattr(cfg, name)
         if v is not None and not (math.isfinite(v) and v > 0):
             raise ValueError(f"{_flag(name)} must be a positive number, got {v!r}")
     for b in cfg.label_budgets:
         parse_budget(b)
+    for t in cfg.tasks or ():
+        get_task(cfg.dataset, t, 10)
+    if cfg.heads is not None and not os.path.isdir(cfg.heads):
+        raise ValueError(f"--heads {cfg.heads!r} is not a folder (an earlier evaluation's <out>/heads)")
     if cfg.out is not None:
         if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
             raise ValueError(f"--out {cfg.out!r} is a file; the evaluation writes a folder (table.md, results.json, "
@@ -175,6 +203,7 @@ def check_models_match(models: dict, dataset: str) -> None:
 def _resolve(cfg: EvalConfig) -> EvalConfig:
     d = defaults_for(cfg.dataset)
     return replace(cfg, eps=[float(e) for e in (cfg.eps or d.test_eps)], head=cfg.head or d.head,
+                   tasks=list(dict.fromkeys(cfg.tasks or [primary_task(cfg.dataset)])),
                    head_epochs=d.head_epochs if cfg.head_epochs is None else cfg.head_epochs,
                    sweep_eps=list(d.sweep if cfg.sweep_eps is None else cfg.sweep_eps),
                    label_budgets=[parse_budget(b) for b in cfg.label_budgets])
@@ -199,64 +228,140 @@ def _settings(job: _Job) -> dict:
     c = job.cfg
     return dict(samples=c.samples, attack_steps=c.attack_steps, alpha=c.alpha,
                 alpha_desc=("eps/10" if c.alpha is None else f"{c.alpha:g}"), eot_iter=c.eot_iter,
-                apgd_steps=c.apgd_steps, square_queries=c.square_queries, pgd_restarts=c.pgd_restarts,
+                apgd_steps=c.apgd_steps, apgd_targets=c.apgd_targets, square_queries=c.square_queries,
+                transfer=c.transfer, redraws=c.redraws, tasks=c.tasks, pgd_restarts=c.pgd_restarts,
                 n_test=len(job.y_test), sweep_n_test=len(job.y_sw), head=c.head, head_epochs=c.head_epochs,
                 head_lr=c.head_lr, bounded_M=c.bounded_M, seed=c.seed, device=str(job.device), n_train=len(job.train.y))
 
 
-def _correct(job: _Job, clf: ProbabilisticClassifier, x, y, attack: Optional[str] = None, eps: float = 0.0,
-             desc: str = "", **kw) -> torch.Tensor:
-    """Per-image correctness [n] bool of the clean (attack None) or attacked prediction; under torchrun
-    each rank takes whole batches and the flags are gathered to every rank."""
+def _scores(job: _Job, clf: ProbabilisticClassifier, x, y, attack: Optional[str] = None, eps: float = 0.0,
+            desc: str = "", transfer_to: Optional[nn.Module] = None, **kw) -> dict:
+    """``attack_scores`` of the clean (attack None) or attacked prediction ({"frac", "ok"[, "transfer"]}, [n]
+    each); under torchrun each rank takes whole batches and the scores are gathered to every rank."""
     c = job.cfg
     sl, b0 = udist.batch_shard(len(y), c.batch_size, job.rank, job.world)
-    xs, ys = x[sl], y[sl]
-    if attack is None:
-        ok = predict(clf, xs, batch_size=c.batch_size, device=job.device) == ys.cpu()
-    else:
-        atk = dict(steps=c.attack_steps, alpha=c.alpha, eot_iter=c.eot_iter, batch_size=c.batch_size, seed=c.seed,
-                   device=job.device)
-        _, ok = robust_accuracy(clf, xs, ys, attack=attack, eps=eps, return_correct=True, desc=desc, first_batch=b0,
-                                **{**atk, **kw})
-    return udist.gather_rows(ok.to(torch.uint8), len(y), c.batch_size).bool()
+    atk = dict(steps=c.attack_steps, alpha=c.alpha, batch_size=c.batch_size, seed=c.seed, device=job.device,
+               redraws=c.redraws, n_targets=max(1, c.apgd_targets), desc=desc, first_batch=b0)
+    r = attack_scores(clf, x[sl], y[sl], attack=attack or "pgd", eps=eps if attack else 0.0,
+                      transfer_to=transfer_to, **{**atk, **kw})
+
+    def gather(d: dict) -> dict:
+        frac = udist.gather_rows(d["frac"].float(), len(y), c.batch_size)
+        return {"frac": frac, "ok": frac >= 0.5}
+
+    out = gather(r)
+    if "transfer" in r:
+        out["transfer"] = gather(r["transfer"])
+    return out
 
 
 def _acc(ok: torch.Tensor) -> float:
     return ok.float().mean().item() if len(ok) else 0.0
 
 
-def _attack_all(job: _Job, clf: ProbabilisticClassifier, tag: str) -> dict:
-    """clean, PGD, APGD (and Square) accuracy per eps; "both": correct under PGD and APGD, "worst": under
-    every attack that ran (per sample, as AutoAttack counts an ensemble)."""
-    c = job.cfg
-    r: dict[str, Any] = {"clean": _acc(_correct(job, clf, job.x_test, job.y_test)), "pgd": {}}
-    survived = {}  # per eps: correct under every attack so far
-    for e in c.eps:
-        clf.reseed(c.seed + 1)
-        survived[e] = _correct(job, clf, job.x_test, job.y_test, "pgd", e, desc=f"{tag} PGD {e:.4g}",
-                               restarts=c.pgd_restarts)
-        r["pgd"][str(e)] = _acc(survived[e])
-    # then APGD ("both": PGD & APGD) and the gradient-free Square ("worst": every attack that ran)
-    extra = ([("apgd", "APGD", c.apgd_steps, "both", 2)] if c.apgd_steps else []) + \
-        ([("square", "Square", c.square_queries, "worst", 3)] if c.square_queries else [])
-    for key, label, n_steps, combined, seed_offset in extra:
-        r[key], r[combined] = {}, {}
+def _ci(ok: torch.Tensor) -> list[float]:
+    return list(wilson_interval(int(ok.sum()), len(ok)))
+
+
+def _ensemble(c: EvalConfig, stochastic: bool, num_classes: int) -> list[tuple[str, int, dict]]:
+    """(attack, steps or queries, extra arguments) of one prediction path: AutoAttack's standard ensemble for a
+    deterministic prediction (APGD-CE, APGD-T, Square), its rand version for the S-sample one (APGD-CE and
+    APGD-DLR with EOT), with the paper's PGD first; DLR needs 3 classes, APGD-T 4."""
+    eot = dict(eot_iter=c.eot_iter if stochastic else 1)
+    out = [("pgd", c.attack_steps, eot)] if c.attack_steps else []
+    if c.apgd_steps:
+        out.append(("apgd", c.apgd_steps, eot))
+        if stochastic and num_classes >= 3:
+            out.append(("apgd-dlr", c.apgd_steps, eot))
+        if not stochastic and c.apgd_targets and num_classes >= 4:
+            out.append(("apgd-t", c.apgd_steps, eot))
+    if c.square_queries:
+        out.append(("square", c.square_queries, {}))
+    return out
+
+
+def _attack_paths(job: _Job, clfs: dict, tag: str, num_classes: int, y: torch.Tensor) -> dict:
+    """Every attack of each path's ensemble, per eps; "worst": correct under every attack that ran on the path
+    (per image, as AutoAttack counts), with a 95% Wilson interval; on the S-sample path also under every
+    adversary of the z = mu path ("transfer"). "redraw_avg": the share of fresh predictions still correct
+    under each image's worst attack, averaged. clfs: {"mu": clf[, "samples": clf]}."""
+    c, x = job.cfg, job.x_test
+    out: dict[str, dict] = {}
+    for path, clf in clfs.items():
+        clf.reseed(c.seed)
+        clean = _scores(job, clf, x, y)["ok"]
+        out[path] = {"clean": _acc(clean), "clean_ci": _ci(clean), "attacks": [], "worst": {}, "worst_ci": {},
+                     "redraw_avg": {}}
+    worst = {p: {e: torch.ones(len(y)) for e in c.eps} for p in clfs}
+    target = clfs.get("samples") if c.transfer else None
+    transfer = {e: torch.ones(len(y)) for e in c.eps}
+    for path in clfs:  # the z = mu path first: its adversaries are scored on the S-sample path as they come
+        for k, (attack, steps, kw) in enumerate(_ensemble(c, clfs[path].stochastic, num_classes)):
+            out[path]["attacks"].append(attack)
+            out[path][attack] = {}
+            for e in c.eps:
+                clfs[path].reseed(c.seed + 1 + k)
+                r = _scores(job, clfs[path], x, y, attack, e, desc=f"{tag} {path} {attack} {e:.4g}", steps=steps,
+                            transfer_to=target if path == "mu" else None,
+                            restarts=c.pgd_restarts if attack == "pgd" else 1, **kw)
+                out[path][attack][str(e)] = _acc(r["ok"])
+                worst[path][e] = torch.minimum(worst[path][e], r["frac"])
+                if "transfer" in r:
+                    transfer[e] = torch.minimum(transfer[e], r["transfer"]["frac"])
+                    worst["samples"][e] = torch.minimum(worst["samples"][e], r["transfer"]["frac"])
+    if target is not None:  # the S-sample prediction under every adversary of the z = mu path
+        out["samples"]["transfer"] = {str(e): _acc(transfer[e] >= 0.5) for e in c.eps}
+    for path in clfs:
         for e in c.eps:
-            clf.reseed(c.seed + seed_offset)
-            ok = _correct(job, clf, job.x_test, job.y_test, key, e, desc=f"{tag} {label} {e:.4g}", steps=n_steps)
-            survived[e] = survived[e] & ok
-            r[key][str(e)] = _acc(ok)
-            r[combined][str(e)] = _acc(survived[e])
-    return r
+            ok = worst[path][e] >= 0.5
+            out[path]["worst"][str(e)], out[path]["worst_ci"][str(e)] = _acc(ok), _ci(ok)
+            out[path]["redraw_avg"][str(e)] = worst[path][e].mean().item() if len(y) else 0.0
+    return out
 
 
 def _sweep(job: _Job, clf: ProbabilisticClassifier, name: str) -> list[float]:
-    return [_acc(_correct(job, clf, job.x_sw, job.y_sw, "pgd", e, desc=f"{name} sweep {e:.3g}"))
-            for e in job.cfg.sweep_eps]
+    return [_acc(_scores(job, clf, job.x_sw, job.y_sw, "pgd", e, desc=f"{name} sweep {e:.3g}",
+                         eot_iter=1)["ok"]) for e in job.cfg.sweep_eps]
+
+
+def _head_file(folder: str, name: str, task: str, budget) -> str:
+    return os.path.join(folder, f"{_slug(name)}__{task}__{budget}.pt")
+
+
+def _head(job: _Job, name: str, task, budget, idx, feats) -> nn.Module:
+    """The task's head for this label budget: reused from --heads when a matching file is there, else trained
+    on the frozen features (rank 0, then broadcast); saved to <out>/heads for later attacks either way."""
+    c = job.cfg
+    h = None
+    if c.heads and os.path.isfile(_head_file(c.heads, name, task.name, budget)):
+        saved = torch.load(_head_file(c.heads, name, task.name, budget), map_location="cpu", weights_only=True)
+        if (saved["kind"], saved["num_classes"], saved["n_labels"], saved.get("loss", "ce")) == (
+                c.head, task.num_classes, len(idx), c.head_loss):
+            h = make_head(c.head, saved["d_in"], task.num_classes)
+            h.load_state_dict(saved["state_dict"])
+            h.eval()
+    if h is None and job.main:
+        mu_tr, lv_tr, y_tr = feats
+        h = train_head(mu_tr[idx], lv_tr[idx], y_tr[idx], num_classes=task.num_classes, head_kind=c.head,
+                       epochs=c.head_epochs, lr=c.head_lr, seed=c.seed, desc=f"{name} {task.name} head {budget}",
+                       bounded_M=c.bound if c.head_loss == "bounded" else None)
+    elif h is None:  # the architecture only (without touching the global random stream): rank 0's weights follow
+        with torch.random.fork_rng(devices=[]):
+            h = make_head(c.head, int(job.d_z), task.num_classes).eval()
+    h = udist.broadcast_module(h.to(job.device))
+    if job.out:
+        buf = io.BytesIO()
+        torch.save(dict(state_dict={k: v.cpu() for k, v in h.state_dict().items()}, kind=c.head,
+                        d_in=int(next(h.parameters()).shape[1]), num_classes=task.num_classes, n_labels=len(idx),
+                        loss=c.head_loss,
+                        task=task.name, budget=str(budget)), buf)
+        write_atomic(_head_file(os.path.join(job.out, "heads"), name, task.name, budget), buf.getvalue())
+    return h
 
 
 def _representation(job: _Job, name: str, model: nn.Module, entry: dict, curves: dict) -> None:
-    """Heads per label budget on the frozen features, then every attack on both prediction paths."""
+    """Per task and label budget a head on the frozen features, then every attack on both prediction paths
+    (the z = mu path alone for a deterministic encoder: its S-sample prediction is the same)."""
     c, train = job.cfg, job.train
     # each rank encodes its share; rank 0 gathers the features, trains the heads, broadcasts them
     sl, _ = udist.batch_shard(len(train.y), 512, job.rank, job.world)
@@ -264,36 +369,69 @@ def _representation(job: _Job, name: str, model: nn.Module, entry: dict, curves:
                                   num_workers=c.num_workers)
     mu_tr = udist.gather_rows(mu_tr, len(train.y), 512, to_all=False)
     lv_tr = udist.gather_rows(lv_tr, len(train.y), 512, to_all=False)
-    for b in c.label_budgets:
-        try:
-            idx = balanced_subset(train.y, b, seed=c.seed)
-        except ValueError as exc:
-            warnings.warn(f"{name}: {exc}; budget skipped", stacklevel=2)
-            entry["budgets"][str(b)] = dict(skipped=str(exc))
-            continue
+    job.d_z = model.d_z
+    deterministic = bool(getattr(model, "deterministic", False))
+    for task in _tasks(job):
+        y_tr, y_te = task.relabel(train.y), task.relabel(job.y_test)
+        budgets = entry["tasks"].setdefault(task.name, {"budgets": {}})["budgets"]
+        for b in c.label_budgets:
+            try:
+                idx = balanced_subset(y_tr, b, seed=c.seed)
+            except ValueError as exc:
+                warnings.warn(f"{name} {task.name}: {exc}; budget skipped", stacklevel=2)
+                budgets[str(b)] = dict(skipped=str(exc))
+                continue
+            h = _head(job, name, task, b, idx, (mu_tr, lv_tr, y_tr))
+            clfs = {path: ProbabilisticClassifier(model, h, path=path, samples=c.samples, bounded_M=c.bounded_M,
+                                                  seed=c.seed).to(job.device)
+                    for path in (("mu",) if deterministic else ("mu", "samples"))}
+            paths = _attack_paths(job, clfs, f"{name} {task.name} {b}", task.num_classes, y_te)
+            if deterministic:
+                paths["samples"] = dict(paths["mu"], note="deterministic encoder: the S-sample prediction is z = mu")
+            budgets[str(b)] = dict(n_labels=len(idx), paths=paths)
+            if c.bound is not None and not deterministic and job.main:
+                budgets[str(b)]["bound"] = {str(e): proposition1(
+                    model, h, job.x_test, y_te, M=c.bound, eps=e, samples=c.bound_samples, batch_size=c.batch_size,
+                    seed=c.seed, device=job.device) for e in c.eps}
+            if c.out and c.plots and b == c.label_budgets[0] and task.name == c.tasks[0]:
+                for path, clf in clfs.items():
+                    curves[f"{'S=%d' % c.samples if path == 'samples' else 'z = mu'}, labels {b}"] = dict(
+                        eps=c.sweep_eps, acc=_sweep(job, clf, name))
+            _flag_at_chance(job, name, task, b, budgets[str(b)])
+
+
+def _flag_at_chance(job: _Job, name: str, task, b, result: dict) -> None:
+    chance = 1.0 / task.num_classes
+    if result["paths"]["mu"]["clean"] <= chance + 0.1 * (1 - chance):  # a head that learned (next to) nothing
+        result["at_chance"] = True
         if job.main:
-            h = train_head(mu_tr[idx], lv_tr[idx], train.y[idx], num_classes=train.num_classes, head_kind=c.head,
-                           epochs=c.head_epochs, lr=c.head_lr, seed=c.seed, desc=f"{name} head {b}")
-        else:  # the architecture only (without touching the global random stream): rank 0's weights follow
-            with torch.random.fork_rng(devices=[]):
-                h = make_head(c.head, model.d_z, train.num_classes).eval()
-        h = udist.broadcast_module(h.to(job.device))
-        paths = {}
-        for path in ("samples", "mu"):
-            clf = ProbabilisticClassifier(model, h, path=path, samples=c.samples, bounded_M=c.bounded_M,
-                                          seed=c.seed).to(job.device)
-            paths[path] = _attack_all(job, clf, f"{name} {b} {path}")
-            if c.out and c.plots and b == c.label_budgets[0]:
-                curves[f"{'S=%d' % c.samples if path == 'samples' else 'z = mu'}, labels {b}"] = dict(
-                    eps=c.sweep_eps, acc=_sweep(job, clf, name))
-        entry["budgets"][str(b)] = dict(n_labels=len(idx), paths=paths)
-        chance = 1.0 / train.num_classes
-        if paths["mu"]["clean"] <= chance + 0.1 * (1 - chance):  # a head that learned (next to) nothing
-            entry["budgets"][str(b)]["at_chance"] = True
-        if entry["budgets"][str(b)].get("at_chance") and job.main:
-            warnings.warn(f"{name}, labels {b}: the head's clean accuracy {100 * paths['mu']['clean']:.1f}% is at "
-                          f"chance (1/{train.num_classes}): the representation (or the head) learned nothing, so its "
-                          f"robust accuracy means nothing either", stacklevel=2)
+            warnings.warn(f"{name}, task {task.name}, labels {b}: the head's clean accuracy "
+                          f"{100 * result['paths']['mu']['clean']:.1f}% is at chance (1/{task.num_classes}): the "
+                          f"representation (or the head) learned nothing, so its robust accuracy means nothing either",
+                          stacklevel=2)
+
+
+def _tasks(job: _Job) -> list:
+    return [get_task(job.cfg.dataset, t, job.train.num_classes) for t in job.cfg.tasks]
+
+
+def _supervised(job: _Job, name: str, model: nn.Module, config: dict, entry: dict, curves: dict) -> None:
+    """A classifier as it is: its own task, and only the label budget it was trained on (all when the config
+    names none), whatever --label-budgets says."""
+    c = job.cfg
+    clf = ProbabilisticClassifier(model, None, bounded_M=c.bounded_M, seed=c.seed).to(job.device)
+    trained = config.get("label_budget") or "all"
+    primary = get_task(c.dataset, primary_task(c.dataset), job.train.num_classes)
+    paths = _attack_paths(job, {"mu": clf}, name, primary.num_classes, job.y_test)
+    paths["samples"] = dict(paths["mu"], note="classifier: no z, one prediction")
+    budgets = entry["tasks"].setdefault(primary.name, {"budgets": {}})["budgets"]
+    n = len(job.train.y) if trained == "all" else int(trained)
+    budgets[str(trained)] = dict(n_labels=n, paths=paths, note=f"supervised: trained on {trained} labels, no head")
+    for t in c.tasks:
+        if t != primary.name:
+            entry["tasks"][t] = {"budgets": {}, "skipped": f"a classifier of the {c.dataset} classes"}
+    if c.out and c.plots:
+        curves["supervised"] = dict(eps=c.sweep_eps, acc=_sweep(job, clf, name))
 
 
 def _plots(job: _Job, name: str, model: nn.Module, curves: dict) -> list[str]:
@@ -316,20 +454,15 @@ def _evaluate_one(job: _Job, name: str, model: nn.Module, config: dict, checkpoi
     c = job.cfg
     t0 = time.time()
     entry: dict[str, Any] = dict(kind=model.kind, method=config.get("method"), config=config, checkpoint=checkpoint,
-                                 budgets={})
+                                 tasks={})
     curves: dict[str, dict] = {}
     model = model.to(job.device)
     with frozen(model):  # eval mode, no parameter gradients; the caller's model is restored afterwards
         if model.kind == "supervised":
-            clf = ProbabilisticClassifier(model, None, bounded_M=c.bounded_M, seed=c.seed).to(job.device)
-            r = _attack_all(job, clf, name)
-            for b in c.label_budgets:  # no head: the same numbers under every budget (trained with all labels)
-                entry["budgets"][str(b)] = dict(n_labels=len(job.train.y), paths={"samples": r, "mu": r},
-                                                note="supervised: no head, trained with all labels")
-            if c.out and c.plots:
-                curves["supervised"] = dict(eps=c.sweep_eps, acc=_sweep(job, clf, name))
+            _supervised(job, name, model, config, entry, curves)
         else:
             _representation(job, name, model, entry, curves)
+        entry["budgets"] = entry["tasks"].get(primary_task(c.dataset), {}).get("budgets", {})
         entry["sweep"] = curves
         if c.plots and job.out:
             try:
@@ -357,7 +490,7 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], cfg: EvalConfig, 
     check_models_match(models, cfg.dataset)
     job = _prepare(models, _resolve(cfg), splits)
     c = job.cfg
-    results: dict[str, Any] = dict(dataset=c.dataset, eps_list=c.eps, sweep_eps=c.sweep_eps,
+    results: dict[str, Any] = dict(dataset=c.dataset, eps_list=c.eps, sweep_eps=c.sweep_eps, tasks=c.tasks,
                                    label_budgets=[str(b) for b in c.label_budgets], settings=_settings(job), models={})
     from tqdm.auto import tqdm
 

@@ -3,11 +3,12 @@
 * ``pgd_linf``: random start, K steps of sign-gradient ascent on the cross-entropy of the
   classifier's (averaged) prediction, through the trainer's engine ``urkle_fast.attack.pgd``
   (fused ``pgd_step_``).
-* ``apgd_ce``: APGD-CE of Croce & Hein (2020, "Reliable evaluation of adversarial robustness
-  with an ensemble of diverse parameter-free attacks"), written here from the paper and the
-  reference AutoAttack code: momentum 0.75, step size 2*eps halved at checkpoints when the loss
-  oscillates or stalls, restart from the best point. It is the independent check for gradient
-  masking (torchattacks pins requests~=2.25, so it is not a dependency).
+* ``apgd``: APGD of Croce & Hein (2020, "Reliable evaluation of adversarial robustness with an
+  ensemble of diverse parameter-free attacks"), written here from the paper and the reference
+  AutoAttack code: momentum 0.75, step size 2*eps halved at checkpoints when the loss oscillates or
+  stalls, restart from the best point; on the cross-entropy (APGD-CE), the DLR loss (APGD-DLR) or the
+  targeted DLR loss, once per target class (``apgd_targeted``, APGD-T). tests/test_eval_strength.py
+  checks APGD-DLR and APGD-T against torchattacks' (a test-only dependency: it pins requests~=2.25).
 
 * ``square_linf``: the Square Attack of Andriushchenko et al. (2020, "Square Attack: a query-efficient
   black-box adversarial attack via random search"), AutoAttack's gradient-free member, written from the
@@ -18,7 +19,9 @@
 All take a classifier returning log-probabilities [B, C] (``ProbabilisticClassifier``); for a
 stochastic classifier each forward draws fresh z samples, so the gradient is an EOT average over
 ``samples`` x ``eot_iter`` draws (and Square compares margins of such averaged predictions). Gradients
-are taken w.r.t. the input only.
+are taken w.r.t. the input only. ``attack_scores`` runs one attack over a test set and scores its
+adversaries with fresh z draws (a fool is confirmed by most of ``redraws`` new predictions), on the
+attacked classifier and, for the transfer attack, on another (the S-sample prediction of the same model).
 """
 
 from __future__ import annotations
@@ -32,14 +35,46 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
-def _loss_and_grad(clf: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, eot_iter: int):
-    """Per-sample CE [B], summed-CE gradient averaged over eot_iter forwards, last log-probs."""
+def dlr_loss(log_p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Difference of Logits Ratio (Croce & Hein 2020, Eq. 6), per sample [B]; larger = more adversarial:
+    -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3). Invariant to a shift of each row, so the log-probabilities
+    of an averaged prediction serve as its logits. Needs >= 3 classes."""
+    s, order = log_p.sort(dim=1)
+    true = log_p.gather(1, y[:, None]).squeeze(1)
+    top_is_y = order[:, -1] == y
+    other = torch.where(top_is_y, s[:, -2], s[:, -1])
+    return -(true - other) / (s[:, -1] - s[:, -3] + 1e-12)
+
+
+def dlr_targeted_loss(log_p: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Targeted DLR (Croce & Hein 2020, Eq. 7), per sample [B]: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2).
+    Needs >= 4 classes."""
+    s, _ = log_p.sort(dim=1)
+    true = log_p.gather(1, y[:, None]).squeeze(1)
+    tgt = log_p.gather(1, target[:, None]).squeeze(1)
+    return -(true - tgt) / (s[:, -1] - 0.5 * (s[:, -3] + s[:, -4]) + 1e-12)
+
+
+LOSSES = ("ce", "dlr", "dlr-targeted")
+
+
+def _per_sample_loss(loss: str, log_p: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor]) -> torch.Tensor:
+    if loss == "ce":
+        return F.nll_loss(log_p, y, reduction="none")
+    if loss == "dlr":
+        return dlr_loss(log_p, y)
+    return dlr_targeted_loss(log_p, y, target)
+
+
+def _loss_and_grad(clf: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, eot_iter: int, loss_name: str = "ce",
+                   target: Optional[torch.Tensor] = None):
+    """Per-sample loss [B], summed-loss gradient averaged over eot_iter forwards, last log-probs."""
     grad = torch.zeros_like(x_adv)
     loss_sum = torch.zeros(len(y), device=x_adv.device)
     for _ in range(eot_iter):
         xr = x_adv.detach().requires_grad_(True)
         log_p = clf(xr)
-        loss = F.nll_loss(log_p, y, reduction="none")
+        loss = _per_sample_loss(loss_name, log_p, y, target)
         grad += torch.autograd.grad(loss.sum(), xr)[0]
         loss_sum += loss.detach()
     return loss_sum / eot_iter, grad / eot_iter, log_p.detach()
@@ -134,15 +169,56 @@ def square_linf(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     return x_best
 
 
-def apgd_ce(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
-            eot_iter: int = 1, rho: float = 0.75, momentum: float = 0.75,
-            seed: Optional[int] = 0) -> torch.Tensor:
-    """APGD-CE (l_inf) on one batch. Returns, per sample, a point the attack found misclassified
-    if any, else the highest-loss point. x [B, ...] in [0,1], y [B] -> x_adv [B, ...].
+def apgd_ce(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> torch.Tensor:
+    """APGD-CE (l_inf) on one batch: ``apgd(..., loss="ce")``."""
+    return apgd(clf, x, y, loss="ce", **kw)
+
+
+def apgd_targeted(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
+                  n_targets: int = 9, eot_iter: int = 1, seed: Optional[int] = 0) -> torch.Tensor:
+    """APGD-T (AutoAttack's standard member): APGD on the targeted DLR loss, once per target class, the
+    targets being the 2nd, 3rd, ... most likely classes of the clean prediction; an image fooled under one
+    target is not attacked again. Returns a misclassified point per image where one was found, else the
+    last target's best point. Needs >= 4 classes."""
+    C = None
+    x = x.detach()
+    x_out = x.clone()
+    with torch.no_grad():
+        log_p = clf(x)
+    C = log_p.shape[1]
+    if C < 4:
+        raise ValueError(f"apgd_targeted: the targeted DLR loss needs >= 4 classes, got {C}")
+    order = log_p.argsort(dim=1)
+    live = torch.ones(len(y), dtype=torch.bool, device=x.device)
+    for k in range(2, min(n_targets, C - 1) + 2):
+        idx = live.nonzero(as_tuple=True)[0]
+        if len(idx) == 0:
+            break
+        target = order[idx, -k]
+        xa = apgd(clf, x[idx], y[idx], eps=eps, steps=steps, loss="dlr-targeted", target=target, eot_iter=eot_iter,
+                  seed=None if seed is None else seed + 7919 * k)
+        x_out[idx] = xa
+        with torch.no_grad():
+            fooled = clf(xa).argmax(-1) != y[idx]
+        live[idx[fooled]] = False
+    return x_out
+
+
+def apgd(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100, loss: str = "ce",
+         target: Optional[torch.Tensor] = None, eot_iter: int = 1, rho: float = 0.75, momentum: float = 0.75,
+         seed: Optional[int] = 0) -> torch.Tensor:
+    """APGD (l_inf) on one batch with the cross-entropy, DLR or targeted-DLR loss (``target`` [B]). Returns,
+    per sample, a point the attack found misclassified if any, else the highest-loss point.
+    x [B, ...] in [0,1], y [B] -> x_adv [B, ...].
     """
+    if loss not in LOSSES:
+        raise ValueError(f"apgd: loss must be one of {LOSSES}, got {loss!r}")
+    if (loss == "dlr-targeted") != (target is not None):
+        raise ValueError("apgd: give target exactly when loss is 'dlr-targeted'")
     if eps <= 0:
         return x.clone()
     x = x.detach()
+    loss_name = loss
     B = len(y)
     view = (B,) + (1,) * (x.dim() - 1)
     lo_b, hi_b = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
@@ -156,7 +232,7 @@ def apgd_ce(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, ste
     t = t / t.flatten(1).abs().amax(1).clamp_min(1e-12).view(view)
     x_adv = proj(x + eps * t)
 
-    loss, grad, log_p = _loss_and_grad(clf, x_adv, y, eot_iter)
+    loss, grad, log_p = _loss_and_grad(clf, x_adv, y, eot_iter, loss_name, target)
     fooled = log_p.argmax(-1) != y
     x_found = x_adv.clone()  # a misclassified point when one was found
     x_best, loss_best, grad_best = x_adv.clone(), loss.clone(), grad.clone()
@@ -174,7 +250,7 @@ def apgd_ce(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, ste
             z = proj(x_adv + step * grad.sign())
             x_new = proj(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev))
             x_prev, x_adv = x_adv, x_new
-        loss, grad, log_p = _loss_and_grad(clf, x_adv, y, eot_iter)
+        loss, grad, log_p = _loss_and_grad(clf, x_adv, y, eot_iter, loss_name, target)
         with torch.no_grad():
             wrong = log_p.argmax(-1) != y
             new_fool = wrong & ~fooled
@@ -199,44 +275,91 @@ def apgd_ce(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, ste
     return torch.where(fooled.view(view), x_found, x_best).detach()
 
 
-def robust_accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: str, eps: float,
-                    steps: int, alpha: Optional[float] = None, eot_iter: int = 1, batch_size: int = 256,
-                    seed: int = 0, device=None, desc: str = "", return_correct: bool = False, first_batch: int = 0,
-                    restarts: int = 1):
-    """Accuracy on attacked x: the adversaries are re-evaluated with fresh z samples.
+ATTACKS = ("pgd", "apgd", "apgd-dlr", "apgd-t", "square")
 
-    attack: "pgd", "apgd" or "square" (steps = its queries). x [N, ...] on any device (moved per batch),
-    y [N]. Returns the accuracy (float), or (accuracy, per-sample correctness [N] bool) with return_correct=True. Batch b's random
-    start is seeded with seed + first_batch + b: a rank evaluating batches [k, ...) of a larger set
-    passes first_batch=k and attacks exactly as one process would. ``restarts`` > 1 runs the attack
-    again from other random starts; an image counts as correct only if it survives every run (restart 0
-    is the single-run attack, so more restarts never raise the accuracy).
-    """
+
+@torch.no_grad()
+def score(clf: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, redraws: int = 1) -> torch.Tensor:
+    """Fraction of predictions that are correct, per image [B] float (CPU). A stochastic classifier (the
+    S-sample prediction) is asked ``redraws`` times with fresh z draws, none of them the draws the attack
+    saw; a deterministic one once."""
+    n = redraws if getattr(clf, "stochastic", False) else 1
+    hits = torch.zeros(len(y))
+    for _ in range(n):
+        hits += (clf(x_adv).argmax(-1) == y).float().cpu()
+    return hits / n
+
+
+def _run_attack(attack: str, clf, xb, yb, *, eps, steps, alpha, eot_iter, n_targets, seed):
+    if attack == "pgd":
+        return pgd_linf(clf, xb, yb, eps=eps, steps=steps, alpha=alpha, eot_iter=eot_iter, seed=seed)
+    if attack == "apgd":
+        return apgd(clf, xb, yb, eps=eps, steps=steps, loss="ce", eot_iter=eot_iter, seed=seed)
+    if attack == "apgd-dlr":
+        return apgd(clf, xb, yb, eps=eps, steps=steps, loss="dlr", eot_iter=eot_iter, seed=seed)
+    if attack == "apgd-t":
+        return apgd_targeted(clf, xb, yb, eps=eps, steps=steps, n_targets=n_targets, eot_iter=eot_iter, seed=seed)
+    return square_linf(clf, xb, yb, eps=eps, queries=steps, seed=seed)  # square: steps = queries
+
+
+def attack_scores(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: str, eps: float, steps: int,
+                  alpha: Optional[float] = None, eot_iter: int = 1, batch_size: int = 256, seed: int = 0, device=None,
+                  desc: str = "", first_batch: int = 0, restarts: int = 1, n_targets: int = 9, redraws: int = 1,
+                  transfer_to: Optional[nn.Module] = None) -> dict:
+    """Attack every image and score the adversaries: {"frac": [N] float, the share of fresh predictions that
+    are still correct (the image's worst over restarts), "ok": [N] bool, frac >= 1/2: a fool of a stochastic
+    prediction counts only when most fresh draws confirm it}. With ``transfer_to`` (the S-sample classifier
+    of the same model), the same adversaries are scored on it as well: {"transfer": {"frac", "ok"}}.
+
+    attack: one of ATTACKS ("square": steps = queries). Batch b's random start is seeded with seed +
+    first_batch + b (a rank evaluating batches [k, ...) passes first_batch=k and attacks exactly as one
+    process would); restart r adds 1_000_003 r, restart 0 being the single-run attack, so more restarts never
+    raise the accuracy."""
     from urkle_fast.data import to_float01  # x may be uint8 (ImageFolder test sets are kept so)
 
-    if attack not in ("pgd", "apgd", "square"):
-        raise ValueError(f"unknown attack {attack!r}; expected 'pgd', 'apgd' or 'square'")
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-        raise ValueError(f"restarts must be an int >= 1, got {restarts!r}")
+    if attack not in ATTACKS:
+        raise ValueError(f"unknown attack {attack!r}; expected one of {ATTACKS}")
+    for name, v in (("restarts", restarts), ("redraws", redraws), ("n_targets", n_targets)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     device = device or next(clf.parameters()).device
     clf.eval()
-    correct = []
+    fracs, t_fracs = [], []
     for bi, i in enumerate(tqdm(range(0, len(x), batch_size), desc=desc or f"{attack} eps={eps:.4g}", leave=False)):
         xb, yb = to_float01(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device)
-        ok_b = torch.ones(len(yb), dtype=torch.bool)
+        frac_b, t_frac_b = torch.ones(len(yb)), torch.ones(len(yb))
         for r in range(restarts if eps > 0 else 1):
             sd = seed + first_batch + bi + 1_000_003 * r
-            if eps <= 0:
-                xa = xb
-            elif attack == "pgd":
-                xa = pgd_linf(clf, xb, yb, eps=eps, steps=steps, alpha=alpha, eot_iter=eot_iter, seed=sd)
-            elif attack == "apgd":
-                xa = apgd_ce(clf, xb, yb, eps=eps, steps=steps, eot_iter=eot_iter, seed=sd)
-            else:  # square: steps = queries
-                xa = square_linf(clf, xb, yb, eps=eps, queries=steps, seed=sd)
-            with torch.no_grad():
-                ok_b &= (clf(xa).argmax(-1) == yb).cpu()
-        correct.append(ok_b)
-    ok = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+            xa = xb if eps <= 0 else _run_attack(attack, clf, xb, yb, eps=eps, steps=steps, alpha=alpha,
+                                                 eot_iter=eot_iter, n_targets=n_targets, seed=sd)
+            frac_b = torch.minimum(frac_b, score(clf, xa, yb, redraws))
+            if transfer_to is not None:
+                t_frac_b = torch.minimum(t_frac_b, score(transfer_to, xa, yb, redraws))
+        fracs.append(frac_b)
+        t_fracs.append(t_frac_b)
+    frac = torch.cat(fracs) if fracs else torch.zeros(0)
+    out = {"frac": frac, "ok": frac >= 0.5}
+    if transfer_to is not None:
+        t_frac = torch.cat(t_fracs) if t_fracs else torch.zeros(0)
+        out["transfer"] = {"frac": t_frac, "ok": t_frac >= 0.5}
+    return out
+
+
+def robust_accuracy(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: str, eps: float, steps: int,
+                    return_correct: bool = False, **kw):
+    """Accuracy under one attack (``attack_scores``' confirmed-correct share); with return_correct=True,
+    (accuracy, per-image correctness [N] bool)."""
+    ok = attack_scores(clf, x, y, attack=attack, eps=eps, steps=steps, **kw)["ok"]
     acc = ok.float().sum().item() / max(1, len(x))
     return (acc, ok) if return_correct else acc
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion k / n (better than the normal one near 0 and 1)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)

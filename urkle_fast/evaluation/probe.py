@@ -47,10 +47,12 @@ def encode_dataset(model: nn.Module, x, *, batch_size: int = 512, device=None, d
 
 def train_head(mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor, *, num_classes: int,
                head_kind: str = "linear", epochs: int = 30, lr: float = 1e-3, weight_decay: float = 0.0,
-               batch_size: int = 256, hidden: int = 256, seed: int = 0, desc: str = "head") -> nn.Module:
+               batch_size: int = 256, hidden: int = 256, seed: int = 0, desc: str = "head",
+               bounded_M: Optional[float] = None) -> nn.Module:
     """Train the head on frozen features, one fresh z = mu + sigma * eps per input per epoch.
 
-    mu, logvar: [N, d_z] float32; y: [N] int64. Adam, cross-entropy, no adversarial training.
+    mu, logvar: [N, d_z] float32; y: [N] int64. Adam, cross-entropy (or, with bounded_M, the bounded loss of
+    paper footnote 1, the loss Proposition 1 is stated for), no adversarial training.
     """
     g = torch.Generator().manual_seed(int(seed))
     torch.manual_seed(int(seed))  # head initialisation
@@ -68,7 +70,10 @@ def train_head(mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor, *, num_c
             idx = perm[i:i + bs]
             if len(idx) < 2 and head_kind == "mlp3":  # BatchNorm needs 2 rows
                 continue
-            loss = F.cross_entropy(head(z[idx]), y[idx])
+            log_p = F.log_softmax(head(z[idx]), dim=-1)
+            if bounded_M is not None:
+                log_p = bounded_log_probs(log_p, bounded_M)
+            loss = F.nll_loss(log_p, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

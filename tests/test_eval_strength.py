@@ -1,0 +1,274 @@
+"""The evaluation's strength (issue 10, item 3): AutoAttack's members, the stochastic path's EOT, transfer
+attack and fool confirmation, worst case with intervals, saved heads, several tasks.
+
+APGD-DLR and APGD-T are checked against torchattacks' implementations (tests/requirements.txt, installed by the
+README's test command) on a small trained digits classifier."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from urkle_fast.eval import EvalConfig, evaluate_models
+from urkle_fast.evaluation.attacks import (apgd, apgd_targeted, attack_scores, dlr_loss, dlr_targeted_loss,
+                                           robust_accuracy, score, wilson_interval)
+from urkle_fast.evaluation.datasets import load_split
+from urkle_fast.evaluation.probe import ProbabilisticClassifier
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+EPS = 0.08  # the undefended model keeps about half its accuracy here: attacks can be told apart
+
+
+class TinyStandard(nn.Module):
+    kind = "supervised"
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def logits(self, x):
+        return self.net(x)
+
+    forward = logits
+
+
+class TinyRep(nn.Module):
+    """Probabilistic encoder with a visible sigma: the S-sample prediction is really stochastic."""
+
+    kind = "representation"
+    d_z = 16
+    deterministic = False
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+
+    def encode(self, x):
+        h = self.net(x)
+        return h[:, :16], torch.tanh(h[:, 16:]) - 3.0
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_split("digits", "train"), load_split("digits", "test")
+
+
+def _fit(model, fn, x, y, steps=150):
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = F.cross_entropy(fn(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _train_standard(train):
+    torch.manual_seed(0)
+    m = TinyStandard()
+    return _fit(m, m.logits, train.x, train.y)
+
+
+@pytest.fixture(scope="module")
+def standard(digits):
+    return _train_standard(digits[0])
+
+
+@pytest.fixture(scope="module")
+def test_set(digits):
+    _, test = digits
+    return test.x[:120], test.y[:120]
+
+
+def test_dlr_losses_match_torchattacks():
+    ta = pytest.importorskip("torchattacks", reason="pip install --no-deps -r tests/requirements.txt")
+    torch.manual_seed(0)
+    logits = torch.randn(50, 10)
+    y = torch.randint(0, 10, (50,))
+    y[:10] = logits[:10].argmax(1)  # both branches of "is the top class y"
+    t = (y + 1 + torch.randint(0, 9, (50,))) % 10
+    m = TinyStandard()
+    torch.testing.assert_close(dlr_loss(logits, y), ta.APGD(m, loss="dlr").dlr_loss(logits, y))
+    torch.testing.assert_close(dlr_targeted_loss(logits, y, t), ta.APGDT(m).dlr_loss_targeted(logits, y, t))
+    # invariant to a per-row shift: log-probabilities of an averaged prediction serve as its logits
+    torch.testing.assert_close(dlr_loss(F.log_softmax(logits, 1), y), dlr_loss(logits, y), rtol=1e-5, atol=1e-5)
+
+
+def test_apgd_dlr_and_apgd_t_agree_with_torchattacks(standard, test_set):
+    """Same model, same images, same budget: our APGD-DLR and APGD-T leave the accuracy torchattacks' leave, up
+    to the random start (a few images of 120)."""
+    ta = pytest.importorskip("torchattacks", reason="pip install --no-deps -r tests/requirements.txt")
+    x, y = test_set
+    clf = ProbabilisticClassifier(standard, None)
+    ours_dlr = robust_accuracy(clf, x, y, attack="apgd-dlr", eps=EPS, steps=50)
+    ours_t = robust_accuracy(clf, x, y, attack="apgd-t", eps=EPS, steps=50, n_targets=9)
+    torch.manual_seed(0)
+    x_dlr = ta.APGD(standard, eps=EPS, steps=50, loss="dlr", seed=0)(x, y)
+    x_t = ta.APGDT(standard, eps=EPS, steps=50, n_classes=10, seed=0)(x, y)
+    with torch.no_grad():
+        theirs_dlr = (standard(x_dlr).argmax(1) == y).float().mean().item()
+        theirs_t = (standard(x_t).argmax(1) == y).float().mean().item()
+    assert 0.05 < theirs_dlr < 0.95, theirs_dlr  # a test that can tell attacks apart
+    assert abs(ours_dlr - theirs_dlr) <= 0.05, (ours_dlr, theirs_dlr)
+    assert abs(ours_t - theirs_t) <= 0.05, (ours_t, theirs_t)
+
+
+def test_apgd_dlr_and_apgd_t_at_least_as_strong_as_apgd_ce(standard, test_set):
+    x, y = test_set
+    clf = ProbabilisticClassifier(standard, None)
+    ce = attack_scores(clf, x, y, attack="apgd", eps=EPS, steps=50)["ok"]
+    dlr = attack_scores(clf, x, y, attack="apgd-dlr", eps=EPS, steps=50)["ok"]
+    tgt = attack_scores(clf, x, y, attack="apgd-t", eps=EPS, steps=50)["ok"]
+    n = len(y)
+    assert tgt.sum() <= ce.sum() + 0.02 * n, (tgt.sum(), ce.sum())
+    assert dlr.sum() <= ce.sum() + 0.05 * n, (dlr.sum(), ce.sum())
+    both = ce & dlr & tgt
+    assert both.sum() <= min(ce.sum(), dlr.sum(), tgt.sum())
+
+
+def test_apgd_arguments():
+    m = TinyStandard().eval()
+    x, y = torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="loss"):
+        apgd(m, x, y, eps=0.1, loss="hinge")
+    with pytest.raises(ValueError, match="target"):
+        apgd(m, x, y, eps=0.1, loss="dlr-targeted")
+    two = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).eval()
+    with pytest.raises(ValueError, match="4 classes"):
+        apgd_targeted(lambda v: F.log_softmax(two(v), 1), x, y, eps=0.1)
+    with pytest.raises(ValueError, match="redraws"):
+        attack_scores(ProbabilisticClassifier(m, None), x, y, attack="pgd", eps=0.1, steps=1, redraws=0)
+
+
+class _Coin(nn.Module):
+    """A stochastic prediction that is right with probability p on every image (to test the scoring rule)."""
+
+    stochastic = True
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        right = torch.rand(len(x)) < self.p
+        out = torch.full((len(x), 3), -5.0)
+        out[right, 0] = 0.0
+        out[~right, 1] = 0.0
+        return out
+
+
+def test_a_fool_is_confirmed_by_most_fresh_draws():
+    torch.manual_seed(0)
+    x, y = torch.zeros(400, 1), torch.zeros(400, dtype=torch.long)
+    mostly_right, mostly_wrong = score(_Coin(0.8), x, y, redraws=9), score(_Coin(0.2), x, y, redraws=9)
+    assert (mostly_right >= 0.5).float().mean() > 0.9  # one unlucky draw does not make a fool
+    assert (mostly_wrong >= 0.5).float().mean() < 0.1
+    assert abs(mostly_right.mean().item() - 0.8) < 0.03  # the redraw average estimates the accuracy itself
+    one = score(_Coin(0.8), x, y, redraws=1)
+    assert set(one.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and abs(hi - 0.2775) < 1e-3
+    lo, hi = wilson_interval(5, 10)
+    assert abs(lo - 0.2366) < 1e-3 and abs(hi - 0.7634) < 1e-3
+    lo, hi = wilson_interval(950, 1000)
+    assert lo < 0.95 < hi and hi - lo < 0.03
+
+
+def _rep_models(digits):
+    train, _ = digits
+    torch.manual_seed(0)
+    rep = TinyRep()
+    head = nn.Linear(16, 10)
+    _fit(nn.ModuleList([rep, head]), lambda x: head(rep.encode(x)[0]), train.x, train.y, steps=100)
+    return rep.eval()
+
+
+def test_transfer_never_raises_the_worst_case_and_worst_is_below_every_attack(tmp_path, digits):
+    rep = _rep_models(digits)
+    common = dict(dataset="digits", eps=[0.1, 0.2], n_test=60, attack_steps=5, apgd_steps=5, apgd_targets=3,
+                  square_queries=20, eot_iter=2, redraws=3, head_epochs=40, plots=False, sweep_n_test=10,
+                  verbose=False)
+    with_t = evaluate_models({"rep": (rep, {})}, EvalConfig(out=str(tmp_path / "a"), transfer=True, **common),
+                             splits=digits)
+    without = evaluate_models({"rep": (rep, {})}, EvalConfig(out=None, transfer=False, **common), splits=digits)
+    for e in ("0.1", "0.2"):
+        s_on = with_t["models"]["rep"]["budgets"]["all"]["paths"]["samples"]
+        s_off = without["models"]["rep"]["budgets"]["all"]["paths"]["samples"]
+        assert s_on["worst"][e] <= s_off["worst"][e] + 1e-9
+        assert "transfer" in s_on and "transfer" not in s_off
+        for path in ("mu", "samples"):
+            r = with_t["models"]["rep"]["budgets"]["all"]["paths"][path]
+            cols = [r[a][e] for a in r["attacks"]] + ([r["transfer"][e]] if path == "samples" else [])
+            assert r["worst"][e] <= min(cols) + 1e-9, (path, r)
+            lo, hi = r["worst_ci"][e]
+            assert lo <= r["worst"][e] <= hi
+        assert set(with_t["models"]["rep"]["budgets"]["all"]["paths"]["mu"]["attacks"]) == {"pgd", "apgd", "apgd-t",
+                                                                                             "square"}
+        assert set(s_on["attacks"]) == {"pgd", "apgd", "apgd-dlr", "square"}
+    table = (tmp_path / "a" / "table.md").read_text()
+    assert "worst case over every attack" in table and "transfer from z=mu" in table and "[" in table
+
+
+def test_heads_are_saved_and_reused(tmp_path, digits, monkeypatch):
+    import urkle_fast.eval as ev
+
+    rep = _rep_models(digits)
+    cfg = dict(dataset="digits", eps=[0.1], n_test=40, attack_steps=2, apgd_steps=0, square_queries=0,
+               head_epochs=20, plots=False, sweep_n_test=10, verbose=False, tasks=["digit", "parity"])
+    first = evaluate_models({"rep": (rep, {})}, EvalConfig(out=str(tmp_path / "a"), **cfg), splits=digits)
+    saved = sorted(p.name for p in (tmp_path / "a" / "heads").iterdir())
+    assert saved == ["rep__digit__all.pt", "rep__parity__all.pt"]
+
+    def no_training(*a, **k):
+        raise AssertionError("a saved head was trained again")
+
+    monkeypatch.setattr(ev, "train_head", no_training)
+    again = evaluate_models({"rep": (rep, {})}, EvalConfig(out=str(tmp_path / "b"), heads=str(tmp_path / "a" / "heads"),
+                                                           **cfg), splits=digits)
+    for task in ("digit", "parity"):
+        a = first["models"]["rep"]["tasks"][task]["budgets"]["all"]["paths"]["mu"]
+        b = again["models"]["rep"]["tasks"][task]["budgets"]["all"]["paths"]["mu"]
+        assert a["clean"] == b["clean"] and a["worst"] == b["worst"]
+
+
+def test_tasks_have_their_own_heads_and_rows(tmp_path, digits):
+    rep = _rep_models(digits)
+    std = _train_standard(digits[0])
+    res = evaluate_models({"rep": (rep, {}), "std": (std, {"label_budget": None})},
+                          EvalConfig(dataset="digits", eps=[0.1], n_test=60, attack_steps=2, apgd_steps=0,
+                                     square_queries=0, head_epochs=40, plots=False, sweep_n_test=10, verbose=False,
+                                     tasks=["digit", "parity", "gt4"], out=str(tmp_path)), splits=digits)
+    tasks = res["models"]["rep"]["tasks"]
+    assert set(tasks) == {"digit", "parity", "gt4"}
+    assert res["models"]["std"]["tasks"]["parity"]["skipped"]  # a digit classifier has no parity head
+    for t in ("parity", "gt4"):  # a 2-class task: clean accuracy well above its chance of 50%
+        assert tasks[t]["budgets"]["all"]["paths"]["mu"]["clean"] > 0.7, t
+    table = (tmp_path / "table.md").read_text()
+    assert "## Task parity, labels all" in table and "## Task gt4, labels all" in table
+    with pytest.raises(ValueError, match="--tasks"):
+        evaluate_models({"rep": (rep, {})}, EvalConfig(dataset="digits", tasks=["animal_vehicle"], out=None),
+                        splits=digits)
+
+
+def test_supervised_model_reported_under_its_own_label_budget(tmp_path, digits):
+    std = _train_standard(digits[0])
+    res = evaluate_models({"std": (std, {"label_budget": 500})},
+                          EvalConfig(dataset="digits", eps=[0.1], n_test=40, attack_steps=2, apgd_steps=0,
+                                     square_queries=0, plots=False, sweep_n_test=10, verbose=False,
+                                     label_budgets=["all", "100"], out=str(tmp_path)), splits=digits)
+    assert set(res["models"]["std"]["budgets"]) == {"500"}  # never repeated under all / 100
+    table = (tmp_path / "table.md").read_text()
+    assert "## Task digit, labels 500" in table
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["models"]["std"]["budgets"]["500"]["n_labels"] == 500

@@ -15,21 +15,9 @@ from urkle_fast.checkpoint import CheckpointError
 from urkle_fast.eval import EvalConfig, cli, evaluate_checkpoints, evaluate_models, load_eval_model, main
 from urkle_fast.evaluation.attacks import _apgd_checkpoints, robust_accuracy
 from urkle_fast.evaluation.datasets import load_split
+from tiny_models import TinyStandard
 from urkle_fast.evaluation.probe import (ProbabilisticClassifier, balanced_subset, bounded_log_probs, make_head,
                                          train_head)
-
-
-class TinyStandard(nn.Module):
-    """Undefended supervised MLP on 8x8 digits (the 'Standard' row)."""
-
-    kind = "supervised"
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-
-    def logits(self, x):
-        return self.net(x)
 
 
 class TinyRep(nn.Module):

@@ -18,24 +18,12 @@ from urkle_fast.eval import EvalConfig, evaluate_models
 from urkle_fast.evaluation.attacks import (apgd, apgd_targeted, attack_scores, dlr_loss, dlr_targeted_loss,
                                            robust_accuracy, score, wilson_interval)
 from urkle_fast.evaluation.datasets import load_split
+from tiny_models import TinyStandard
 from urkle_fast.evaluation.probe import ProbabilisticClassifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 EPS = 0.08  # the undefended model keeps about half its accuracy here: attacks can be told apart
-
-
-class TinyStandard(nn.Module):
-    kind = "supervised"
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-
-    def logits(self, x):
-        return self.net(x)
-
-    forward = logits
 
 
 class TinyRep(nn.Module):

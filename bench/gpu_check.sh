@@ -3,22 +3,28 @@
 #
 #   OUT=/some/dir bash bench/gpu_check.sh [STAGE...]      (from anywhere; it cds to the repository root)
 #
-# Stages, in order (default: all of them):
-#   env        versions, GPU, nvcc                          -> $OUT/env.md
-#   build      python setup.py build_ext --inplace          -> $OUT/build.log (CUDA kernels when nvcc is there)
-#   tests      pytest -m gpu tests/                         -> $OUT/tests.log, $OUT/tests.xml, $OUT/tests.md
-#   bandwidth  big tensor copy, GB/s                        -> $OUT/bandwidth.md
-#   bench      pytest bench/ --benchmark-only               -> $OUT/bench.json, $OUT/bench.log, $OUT/bench.md
-#   amp        the Urkle KL under bf16 autocast vs float32 (the Gaussian head stays float32)
-#                                                           -> $OUT/amp.md (GPU_CHECK_DEVICE=cpu dry-runs it)
+# A session gets 15 minutes of GPU time in all, machine start-up included. So: two calls of at most 6 minutes
+# each, the most important results first (device tool: timeout_s 400 each, on the same warm machine; the
+# in-place build stays between calls):
+#
+#   OUT=$OUT bash bench/gpu_check.sh env build tests amp        # call 1: the GPU test suite and item 1's check
+#   OUT=$OUT bash bench/gpu_check.sh bench train bandwidth      # call 2: op benchmarks, one trainer run
+#
+# Stages (default: all of them, in this order):
+#   env        versions, GPU, nvcc
+#   build      python setup.py build_ext --inplace (CUDA kernels when nvcc is there)
+#   tests      pytest -m gpu tests/                        (+ $OUT/tests.xml)
+#   amp        the Urkle KL under bf16 autocast vs float32 (the Gaussian head stays float32;
+#              GPU_CHECK_DEVICE=cpu dry-runs it)
+#   bench      pytest bench/ --benchmark-only: fused vs eager vs torch.compile   (+ $OUT/bench.json)
 #   train      the trainer on CUDA (compile, bf16, channels_last), whole batch and --micro-batch
-#                                                           -> $OUT/train.md (run folders under /tmp;
-#                                                              GPU_CHECK_DEVICE=cpu dry-runs it on a CPU)
-# Every stage appends a line to $OUT/summary.md; the exit status is non-zero when any stage failed.
-# At the end every markdown table is concatenated into $OUT/report.md and the logs are packed into
-# $OUT/logs.tar.gz, so that what comes back stays within the device tool's 8 files.
-# One call of the device tool allows 10 minutes: run "env build tests" and "bandwidth bench" as two calls
-# on the same warm machine if all of them do not fit (the in-place build stays between calls).
+#              (run folders under /tmp; GPU_CHECK_DEVICE=cpu dry-runs it)
+#   bandwidth  big tensor copy, GB/s
+# Each stage runs under its own time limit (LIMIT_<stage> seconds; defaults below, chosen so that each call
+# above fits in 6 minutes) and, as soon as it ends, appends its table and a summary line to $OUT/report.md
+# and its log to $OUT/logs.tar: a call cut short still returns everything measured before the cut. At most
+# five files come back (report.md, tests.xml, bench.json, logs.tar, and nothing else), within the device
+# tool's limits. The exit status is non-zero when any stage failed or ran out of time (exit 124).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -34,21 +40,30 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$ROOT/.torchinductor}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # nothing is pip-installed there: import from the tree
 
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(env build tests bandwidth bench amp train)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(env build tests amp bench train bandwidth)
+declare -A LIMIT=([env]=${LIMIT_env:-30} [build]=${LIMIT_build:-150} [tests]=${LIMIT_tests:-150} [amp]=${LIMIT_amp:-40}
+                  [bench]=${LIMIT_bench:-210} [train]=${LIMIT_train:-100} [bandwidth]=${LIMIT_bandwidth:-30})
+export BENCH_MAX_TIME=${BENCH_MAX_TIME:-0.2}  # seconds of timing per benchmark (pytest-benchmark's --benchmark-max-time)
 status=0
-[ -f "$OUT/summary.md" ] || printf '| stage | exit status | seconds |\n|---|---:|---:|\n' > "$OUT/summary.md"
+[ -f "$OUT/report.md" ] || printf '# GPU check\n\n' > "$OUT/report.md"
 
-run_stage() {  # run_stage NAME CMD...: log to $OUT/NAME.log, one summary line
+run_stage() {  # run_stage NAME: its function under its limit, then its table, summary line and log are kept
   local name=$1 t0=$SECONDS rc
-  shift
-  echo "== $name: $*"
-  "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name (limit ${LIMIT[$name]} s)"
+  timeout --kill-after=10 "${LIMIT[$name]}" bash -c "$(declare -f "stage_$name"); stage_$name" > "$OUT/$name.log" 2>&1
   rc=$?
-  echo "| $name | $rc | $((SECONDS - t0)) |" >> "$OUT/summary.md"
-  echo "   exit $rc after $((SECONDS - t0)) s (log: $OUT/$name.log)"
   [ $rc -ne 0 ] && status=1
+  {
+    echo "### stage $name: exit $rc after $((SECONDS - t0)) s$([ $rc -eq 124 ] && echo " (time limit ${LIMIT[$name]} s)")"
+    echo
+    [ -f "$OUT/$name.md" ] && cat "$OUT/$name.md" && echo
+  } >> "$OUT/report.md"
+  rm -f "$OUT/$name.md"
+  (cd "$OUT" && tar rf logs.tar "$name.log" && rm -f "$name.log")
+  echo "   exit $rc after $((SECONDS - t0)) s"
   return $rc
 }
+export PY OUT ROOT
 
 stage_env() {
   {
@@ -106,7 +121,7 @@ stage_bandwidth() {
 }
 
 stage_bench() {
-  "$PY" -m pytest bench/ --benchmark-only --benchmark-json "$OUT/bench.json" -q
+  "$PY" -m pytest bench/ --benchmark-only --benchmark-json "$OUT/bench.json" -q --benchmark-max-time="$BENCH_MAX_TIME"
   local rc=$?
   [ -f "$OUT/bench.json" ] && "$PY" bench/report.py "$OUT/bench.json" --title "GPU benchmarks" > "$OUT/bench.md"
   return $rc
@@ -170,13 +185,10 @@ PYEOF
 
 for s in "${STAGES[@]}"; do
   case $s in
-    env | build | tests | bandwidth | bench | amp | train) run_stage "$s" "stage_$s" ;;
-    *) echo "unknown stage $s (env build tests bandwidth bench amp train)" >&2; status=2 ;;
+    env | build | tests | bandwidth | bench | amp | train) run_stage "$s" ;;
+    *) echo "unknown stage $s (env build tests amp bench train bandwidth)" >&2; status=2 ;;
   esac
 done
-cat "$OUT/summary.md" "$OUT"/env.md "$OUT"/tests.md "$OUT"/bandwidth.md "$OUT"/bench.md "$OUT"/amp.md \
-  "$OUT"/train.md > "$OUT/report.md" 2>/dev/null
-(cd "$OUT" && tar czf logs.tar.gz ./*.log && rm -f ./*.log env.md tests.md bandwidth.md bench.md amp.md train.md)
 echo "report: $OUT/report.md"
 cat "$OUT/report.md"
 exit $status

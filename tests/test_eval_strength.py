@@ -260,3 +260,29 @@ def test_supervised_model_reported_under_its_own_label_budget(tmp_path, digits):
     assert "## Task digit, labels 500" in table
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["models"]["std"]["budgets"]["500"]["n_labels"] == 500
+
+
+def test_eot_from_one_encoder_pass_matches_separate_draws(digits):
+    """eot_log_probs: n groups of S z samples from one encoder pass; the EOT gradient equals, in expectation, the
+    average over n separate forwards (checked with many draws), and a z = mu path repeats its one prediction."""
+    from urkle_fast.evaluation.attacks import _loss_and_grad
+
+    rep = _rep_models(digits)
+    torch.manual_seed(0)
+    head = nn.Linear(16, 10)
+    x, y = digits[1].x[:8], digits[1].y[:8]
+    clf = ProbabilisticClassifier(rep, head, samples=4, seed=1)
+
+    class Looped(nn.Module):  # the same classifier without the batched path
+        stochastic = True
+
+        def forward(self, v):
+            return clf(v)
+
+    loss_b, grad_b, _ = _loss_and_grad(clf, x, y, 3000)
+    loss_l, grad_l, _ = _loss_and_grad(Looped(), x, y, 3000)
+    torch.testing.assert_close(loss_b, loss_l, rtol=0.02, atol=0.01)
+    assert (grad_b - grad_l).norm() <= 0.05 * grad_l.norm()
+    mu_clf = ProbabilisticClassifier(rep, head, path="mu")
+    lp = mu_clf.eot_log_probs(x, 3)
+    assert lp.shape == (3, 8, 10) and torch.equal(lp[0], lp[2]) and torch.allclose(lp[0], mu_clf(x))

@@ -68,7 +68,14 @@ def _per_sample_loss(loss: str, log_p: torch.Tensor, y: torch.Tensor, target: Op
 
 def _loss_and_grad(clf: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, eot_iter: int, loss_name: str = "ce",
                    target: Optional[torch.Tensor] = None):
-    """Per-sample loss [B], summed-loss gradient averaged over eot_iter forwards, last log-probs."""
+    """Per-sample loss [B] and the summed-loss gradient, both averaged over eot_iter draws, and the last draw's
+    log-probs. A classifier with ``eot_log_probs`` gives all draws from one encoder pass."""
+    if eot_iter > 1 and hasattr(clf, "eot_log_probs"):
+        xr = x_adv.detach().requires_grad_(True)
+        log_ps = clf.eot_log_probs(xr, eot_iter)
+        loss = torch.stack([_per_sample_loss(loss_name, lp, y, target) for lp in log_ps]).mean(0)
+        grad = torch.autograd.grad(loss.sum(), xr)[0]
+        return loss.detach(), grad, log_ps[-1].detach()
     grad = torch.zeros_like(x_adv)
     loss_sum = torch.zeros(len(y), device=x_adv.device)
     for _ in range(eot_iter):
@@ -93,12 +100,15 @@ def pgd_linf(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, st
     from urkle_fast.attack import pgd
 
     alpha = eps / 10 if alpha is None else alpha
+    batched = eot_iter > 1 and hasattr(clf, "eot_log_probs")  # every EOT draw from one encoder pass
 
     def objective(x_adv: torch.Tensor) -> torch.Tensor:
+        if batched:
+            return torch.stack([F.nll_loss(lp, y, reduction="none") for lp in clf.eot_log_probs(x_adv, eot_iter)]).mean(0)
         return F.nll_loss(clf(x_adv), y, reduction="none")
 
     return pgd(objective, x, eps=eps, alpha=alpha, steps=steps, random_start=random_start, model=clf,
-               eot=eot_iter, seed=seed)
+               eot=1 if batched else eot_iter, seed=seed)
 
 
 def _apgd_checkpoints(n_iter: int) -> list[int]:

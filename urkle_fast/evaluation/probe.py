@@ -135,21 +135,28 @@ class ProbabilisticClassifier(nn.Module):
         return self.kind == "representation" and self.path == "samples"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.eot_log_probs(x, 1)[0]
+
+    def eot_log_probs(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """n independent predictions of x at once, [n, B, C]: the encoder runs once (it is deterministic in eval
+        mode: only z is random), then n groups of S fresh z samples. An EOT step over n draws costs one encoder
+        pass instead of n, with the same expectation; a deterministic path repeats its one prediction."""
         if self.kind == "supervised":
-            log_p = F.log_softmax(self.model.logits(x).float(), dim=-1)
+            log_p = F.log_softmax(self.model.logits(x).float(), dim=-1).unsqueeze(0)
         else:
             mu, logvar = self.model.encode(x)
             mu, logvar = mu.float(), logvar.float()
             if self.path == "mu":
-                log_p = F.log_softmax(self.head(mu), dim=-1)
+                log_p = F.log_softmax(self.head(mu), dim=-1).unsqueeze(0)
             else:
                 S, (B, D) = self.samples, mu.shape
-                z = mu.unsqueeze(0) + torch.exp(0.5 * logvar).unsqueeze(0) * self._randn((S, B, D), mu.device)
-                logits = self.head(z.reshape(S * B, D)).reshape(S, B, -1)
-                log_p = torch.logsumexp(F.log_softmax(logits, dim=-1), dim=0) - math.log(S)
+                eps = self._randn((n, S, B, D), mu.device)
+                z = mu + torch.exp(0.5 * logvar) * eps
+                logits = self.head(z.reshape(n * S * B, D)).reshape(n, S, B, -1)
+                log_p = torch.logsumexp(F.log_softmax(logits, dim=-1), dim=1) - math.log(S)
         if self.bounded_M is not None:
             log_p = bounded_log_probs(log_p, self.bounded_M)
-        return log_p
+        return log_p if log_p.shape[0] == n else log_p.expand(n, *log_p.shape[1:])
 
 
 @torch.no_grad()

@@ -137,9 +137,9 @@ def test_ae_trades_uses_the_squared_error_of_eq_35(monkeypatch):
     dist = ((r_adv - r) ** 2).sum(dim=(1, 2, 3)).mean()
     torch.testing.assert_close(metrics["recon_se"], recon.detach())
     torch.testing.assert_close(loss, recon + 2.0 * dist)
-    # not the binary cross-entropy of the earlier version (nats, ~10x larger on digits)
-    bce = F.binary_cross_entropy(r, x, reduction="sum") / x.shape[0]
-    assert abs(bce.item() - recon.item()) > 1.0
+    # h is the decoder's linear output (a sigmoid saturates under the squared error and stalls the AE)
+    assert cfg.decoder_output == "linear" and torch.equal(r, model.decode_logits(model.encode(x)[0]))
+    assert resolve_config(TrainConfig(method="vae_urkle", dataset="digits")).decoder_output == "sigmoid"
 
 
 def test_supervised_model_on_a_label_budget_sees_only_those_labels(tmp_path):
@@ -174,3 +174,38 @@ def test_beta_ramp_is_an_urkle_default_only():
         cfg = resolve_config(TrainConfig(method=method, dataset="digits", warmup_epochs=4))
         assert cfg.beta_warmup_epochs == 4, method
     assert resolve_config(TrainConfig(method="trades", dataset="digits", beta_warmup_epochs=2)).beta_warmup_epochs == 2
+
+
+def test_refused_combinations():
+    with pytest.raises(ValueError, match="--encoder deterministic"):
+        resolve_config(TrainConfig(method="simclr_urkle", dataset="digits", encoder="deterministic"))
+    with pytest.raises(ValueError, match="--encoder deterministic"):
+        resolve_config(TrainConfig(method="vae_urkle", dataset="digits", encoder="deterministic"))
+    with pytest.raises(ValueError, match="drop --train-subset"):
+        resolve_config(TrainConfig(method="at", dataset="digits", label_budget=100, train_subset=500))
+
+
+def test_resuming_a_run_of_the_older_objective_is_refused(tmp_path):
+    """A RoCL checkpoint written before this version (Gaussian encoder, no 1/256 term) cannot be continued under
+    the new objective; a run of an unchanged method (simclr_urkle) resumes as before."""
+    from urkle_fast.checkpoint import load_checkpoint, write_atomic
+    from urkle_fast.train import train
+    import io
+
+    kw = dict(dataset="digits", batch_size=64, epochs=1, pgd_steps=1, progress=False, threads=1)
+    for method, refused in (("rocl", True), ("simclr_urkle", False)):
+        out = tmp_path / method
+        train(TrainConfig(method=method, out_dir=str(out), max_steps=1, **kw))
+        state = load_checkpoint(out / "checkpoint.pt")
+        state["config"].pop("objective_version")  # as every checkpoint of the earlier version
+        if method == "rocl":
+            state["config"].pop("encoder")
+            state["model"] = build_model({**state["config"], "encoder": "gaussian"}).state_dict()
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        write_atomic(out / "checkpoint.pt", buf.getvalue())
+        if refused:
+            with pytest.raises(ValueError, match="objective version 1"):
+                train(TrainConfig(method=method, out_dir=str(out), max_steps=2, resume="auto", **kw))
+        else:
+            assert train(TrainConfig(method=method, out_dir=str(out), max_steps=2, resume="auto", **kw))["step"] == 2

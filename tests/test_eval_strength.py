@@ -228,6 +228,13 @@ def test_heads_are_saved_and_reused(tmp_path, digits, monkeypatch):
         a = first["models"]["rep"]["tasks"][task]["budgets"]["all"]["paths"]["mu"]
         b = again["models"]["rep"]["tasks"][task]["budgets"]["all"]["paths"]["mu"]
         assert a["clean"] == b["clean"] and a["worst"] == b["worst"]
+    # other weights under the same name: the saved heads do not fit them, so they are trained afresh
+    other = _rep_models(digits)
+    with torch.no_grad():
+        other.net[1].weight.mul_(1.01)
+    with pytest.raises(AssertionError, match="trained again"), pytest.warns(UserWarning, match="other weights"):
+        evaluate_models({"rep": (other, {})}, EvalConfig(out=None, heads=str(tmp_path / "a" / "heads"), **cfg),
+                        splits=digits)
 
 
 def test_tasks_have_their_own_heads_and_rows(tmp_path, digits):
@@ -286,3 +293,47 @@ def test_eot_from_one_encoder_pass_matches_separate_draws(digits):
     mu_clf = ProbabilisticClassifier(rep, head, path="mu")
     lp = mu_clf.eot_log_probs(x, 3)
     assert lp.shape == (3, 8, 10) and torch.equal(lp[0], lp[2]) and torch.allclose(lp[0], mu_clf(x))
+
+
+def test_worst_case_starts_from_the_clean_prediction(digits):
+    """An image the clean prediction gets wrong counts as wrong under any attack, even one that lands on a right
+    prediction; with no attack at all the worst case is the clean accuracy."""
+    std = _train_standard(digits[0])
+    base = dict(dataset="digits", eps=[0.1], n_test=60, plots=False, sweep_n_test=10, verbose=False, out=None)
+    none = evaluate_models({"std": (std, {})}, EvalConfig(attack_steps=0, apgd_steps=0, square_queries=0, **base),
+                           splits=digits)["models"]["std"]["budgets"]["all"]["paths"]["mu"]
+    assert none["attacks"] == [] and none["worst"]["0.1"] == none["clean"]
+    some = evaluate_models({"std": (std, {})}, EvalConfig(attack_steps=3, apgd_steps=3, apgd_targets=2,
+                                                          square_queries=5, **base),
+                           splits=digits)["models"]["std"]["budgets"]["all"]["paths"]["mu"]
+    assert some["worst"]["0.1"] <= some["clean"]
+    # an attack that returns its input unchanged cannot make a wrong clean prediction right
+    x, y = digits[1].x[:60], digits[1].y[:60]
+    clf = ProbabilisticClassifier(std, None)
+    wrong = (clf(x).argmax(1) != y)
+    y_bad = torch.where(wrong, y, (y + 1) % 10)  # every clean prediction wrong now
+    r = attack_scores(clf, x, y_bad, attack="apgd-t", eps=0.1, steps=3, n_targets=2)
+    assert not r["ok"].any()
+
+
+def test_merge_joins_budgets_of_one_model_and_refuses_clashes(tmp_path, digits):
+    from urkle_fast.evaluation.merge import merge
+
+    std = _train_standard(digits[0])
+    kw = dict(dataset="digits", eps=[0.1], n_test=40, attack_steps=2, apgd_steps=0, square_queries=0, plots=False,
+              sweep_n_test=10, verbose=False, out=None)
+    a = evaluate_models({"Standard": (std, {"method": "standard", "label_budget": 500})}, EvalConfig(**kw),
+                        splits=digits)
+    b = evaluate_models({"Standard": (std, {"method": "standard", "label_budget": 100})}, EvalConfig(**kw),
+                        splits=digits)
+    m = merge([a, b])
+    assert set(m["models"]["Standard"]["budgets"]) == {"500", "100"}
+    with pytest.raises(ValueError, match="evaluated in two results files"):
+        merge([a, a])
+    c = evaluate_models({"Standard": (std, {"method": "at"})}, EvalConfig(**kw), splits=digits)
+    with pytest.raises(ValueError, match="two different models"):
+        merge([a, c])
+    d = evaluate_models({"Other": (std, {"method": "standard"})}, EvalConfig(**{**kw, "attack_steps": 3}),
+                        splits=digits)
+    with pytest.raises(ValueError, match="attack_steps"):
+        merge([a, d])

@@ -67,7 +67,7 @@ def test_auto_loader_is_torch_on_the_cpu(tmp_path):
 def test_dali_loader_errors(tmp_path, capsys):
     assert main(["--dataset", "digits", "--loader", "dali", "--out-dir", str(tmp_path / "d")]) == 2
     assert "--loader dali reads ImageFolder JPEG trees; dataset 'digits' is not one" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--train-subset needs --loader torch"):
+    with pytest.raises(ValueError, match="--train-subset / --label-budget need --loader torch"):
         train(TrainConfig(out_dir=str(tmp_path / "s"), train_subset=32, **RUN))
     with pytest.raises(ValueError, match="augmentation presets"):
         train(TrainConfig(out_dir=str(tmp_path / "p"), augment="digits", **RUN))

@@ -27,8 +27,9 @@ DEMO_SQUARE_QUERIES = 1000  # AutoAttack: 5000 (eval's default); fewer here, and
 DEMO_METHODS = ("simclr_urkle", "simclr")
 
 
-def run_demo(out_dir: str = "runs/digits-demo", seed: int = 0, progress: bool = True) -> dict:
-    """Train both methods with the same budget, plot their curves together, evaluate both."""
+def run_demo(out_dir: str = "runs/digits-demo", seed: int = 0, progress: bool = True, overwrite: bool = False) -> dict:
+    """Train both methods with the same budget, plot their curves together, evaluate both. ``overwrite``
+    retrains both from scratch in ``out_dir`` (default: continue or reuse what is there)."""
     from urkle_fast.eval import EvalConfig, evaluate_checkpoints
 
     t0 = time.perf_counter()
@@ -36,7 +37,7 @@ def run_demo(out_dir: str = "runs/digits-demo", seed: int = 0, progress: bool = 
     for method in DEMO_METHODS:
         # if-exists: an interrupted default job continues where it stopped, a finished one is only re-evaluated
         cfg = TrainConfig(method=method, out_dir=str(Path(out_dir) / method), seed=seed, progress=progress,
-                          resume="if-exists", **DEMO)
+                          resume=None if overwrite else "if-exists", overwrite=overwrite, **DEMO)
         ckpts[method] = train(cfg)["checkpoint"]
     print(f"training took {time.perf_counter() - t0:.1f} s")
     curves = plot_curves({m: str(Path(out_dir) / m / "metrics.jsonl") for m in ckpts},
@@ -53,10 +54,11 @@ def run_demo(out_dir: str = "runs/digits-demo", seed: int = 0, progress: bool = 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Accepts --seed, --out-dir and --no-progress (the rest of train's flags do not apply)."""
+    """Accepts --seed, --out-dir, --overwrite and --no-progress (the rest of train's flags do not apply)."""
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
-    run_demo(out_dir=cfg.out_dir if "--out-dir" in argv else "runs/digits-demo", seed=cfg.seed, progress=cfg.progress)
+    run_demo(out_dir=cfg.out_dir if "--out-dir" in argv else "runs/digits-demo", seed=cfg.seed, progress=cfg.progress,
+             overwrite=cfg.overwrite)
     return 0
 
 

@@ -17,6 +17,7 @@ from Python.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -39,7 +40,7 @@ from .data import INFO, to_float01
 from .defaults import DATASETS, defaults_for, help_for
 from .checkpoint import write_atomic
 from .evaluation.attacks import attack_scores, wilson_interval
-from .evaluation.bound import proposition1
+from .evaluation.bound import proposition1_per_image, summarize_bound
 from .evaluation.datasets import Split, load_split
 from .evaluation.probe import (ProbabilisticClassifier, balanced_subset, encode_dataset, make_head, parse_budget, predict,
                                train_head)
@@ -221,6 +222,12 @@ def _prepare(models: dict, cfg: EvalConfig, splits: Optional[tuple]) -> _Job:
     else:
         x_test, y_test = test.images(), test.y  # uint8 for ImageFolder trees: converted per batch
     n_sw = len(y_test) if cfg.sweep_n_test is None else min(cfg.sweep_n_test, len(y_test))
+    classes = max([train.num_classes] + [get_task(cfg.dataset, t, train.num_classes).num_classes for t in cfg.tasks])
+    for name in ("bounded_M", "bound"):  # footnote 1 needs C e^-M < 1, checked before any head is trained
+        M = getattr(cfg, name)
+        if M is not None and classes * math.exp(-M) >= 1:
+            raise ValueError(f"{_flag(name)} {M:g}: the bounded softmax needs M > log(C) = {math.log(classes):.3f} "
+                             f"for the {classes} classes of {cfg.dataset}")
     return _Job(cfg, ctx.device, ctx.rank, ctx.world_size, train, x_test, y_test, x_test[:n_sw], y_test[:n_sw])
 
 
@@ -287,12 +294,13 @@ def _attack_paths(job: _Job, clfs: dict, tag: str, num_classes: int, y: torch.Te
     under each image's worst attack, averaged. clfs: {"mu": clf[, "samples": clf]}."""
     c, x = job.cfg, job.x_test
     out: dict[str, dict] = {}
+    worst = {}  # per path and eps: each image's share of right predictions under its worst attack so far
     for path, clf in clfs.items():
         clf.reseed(c.seed)
-        clean = _scores(job, clf, x, y)["ok"]
-        out[path] = {"clean": _acc(clean), "clean_ci": _ci(clean), "attacks": [], "worst": {}, "worst_ci": {},
-                     "redraw_avg": {}}
-    worst = {p: {e: torch.ones(len(y)) for e in c.eps} for p in clfs}
+        clean = _scores(job, clf, x, y)
+        out[path] = {"clean": _acc(clean["ok"]), "clean_ci": _ci(clean["ok"]), "attacks": [], "worst": {},
+                     "worst_ci": {}, "redraw_avg": {}}
+        worst[path] = {e: clean["frac"].clone() for e in c.eps}  # a clean mistake is a mistake under any attack
     target = clfs.get("samples") if c.transfer else None
     transfer = {e: torch.ones(len(y)) for e in c.eps}
     for path in clfs:  # the z = mu path first: its adversaries are scored on the S-sample path as they come
@@ -328,18 +336,32 @@ def _head_file(folder: str, name: str, task: str, budget) -> str:
     return os.path.join(folder, f"{_slug(name)}__{task}__{budget}.pt")
 
 
-def _head(job: _Job, name: str, task, budget, idx, feats) -> nn.Module:
-    """The task's head for this label budget: reused from --heads when a matching file is there, else trained
-    on the frozen features (rank 0, then broadcast); saved to <out>/heads for later attacks either way."""
+def fingerprint(model: nn.Module) -> str:
+    """sha1 of the model's weights: a saved head is reused only on the representation it was trained on."""
+    h = hashlib.sha1()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _head(job: _Job, name: str, task, budget, idx, feats, model_id: str) -> nn.Module:
+    """The task's head for this label budget: reused from --heads when a file there was trained the same way on
+    the same weights (``fingerprint``), else trained on the frozen features (rank 0, then broadcast); saved to
+    <out>/heads for later attacks either way."""
     c = job.cfg
     h = None
+    recipe = dict(model=model_id, kind=c.head, num_classes=task.num_classes, n_labels=len(idx), seed=c.seed,
+                  epochs=c.head_epochs, lr=c.head_lr, loss=c.head_loss, M=c.bound if c.head_loss == "bounded" else None)
     if c.heads and os.path.isfile(_head_file(c.heads, name, task.name, budget)):
         saved = torch.load(_head_file(c.heads, name, task.name, budget), map_location="cpu", weights_only=True)
-        if (saved["kind"], saved["num_classes"], saved["n_labels"], saved.get("loss", "ce")) == (
-                c.head, task.num_classes, len(idx), c.head_loss):
+        if saved.get("recipe") == recipe:
             h = make_head(c.head, saved["d_in"], task.num_classes)
             h.load_state_dict(saved["state_dict"])
             h.eval()
+        elif job.main:
+            warnings.warn(f"--heads: {_head_file(c.heads, name, task.name, budget)} was trained another way or on "
+                          f"other weights; training this head afresh", stacklevel=2)
     if h is None and job.main:
         mu_tr, lv_tr, y_tr = feats
         h = train_head(mu_tr[idx], lv_tr[idx], y_tr[idx], num_classes=task.num_classes, head_kind=c.head,
@@ -351,10 +373,8 @@ def _head(job: _Job, name: str, task, budget, idx, feats) -> nn.Module:
     h = udist.broadcast_module(h.to(job.device))
     if job.out:
         buf = io.BytesIO()
-        torch.save(dict(state_dict={k: v.cpu() for k, v in h.state_dict().items()}, kind=c.head,
-                        d_in=int(next(h.parameters()).shape[1]), num_classes=task.num_classes, n_labels=len(idx),
-                        loss=c.head_loss,
-                        task=task.name, budget=str(budget)), buf)
+        torch.save(dict(state_dict={k: v.cpu() for k, v in h.state_dict().items()}, recipe=recipe,
+                        d_in=int(next(h.parameters()).shape[1]), task=task.name, budget=str(budget)), buf)
         write_atomic(_head_file(os.path.join(job.out, "heads"), name, task.name, budget), buf.getvalue())
     return h
 
@@ -371,6 +391,7 @@ def _representation(job: _Job, name: str, model: nn.Module, entry: dict, curves:
     lv_tr = udist.gather_rows(lv_tr, len(train.y), 512, to_all=False)
     job.d_z = model.d_z
     deterministic = bool(getattr(model, "deterministic", False))
+    model_id = fingerprint(model)
     for task in _tasks(job):
         y_tr, y_te = task.relabel(train.y), task.relabel(job.y_test)
         budgets = entry["tasks"].setdefault(task.name, {"budgets": {}})["budgets"]
@@ -381,7 +402,7 @@ def _representation(job: _Job, name: str, model: nn.Module, entry: dict, curves:
                 warnings.warn(f"{name} {task.name}: {exc}; budget skipped", stacklevel=2)
                 budgets[str(b)] = dict(skipped=str(exc))
                 continue
-            h = _head(job, name, task, b, idx, (mu_tr, lv_tr, y_tr))
+            h = _head(job, name, task, b, idx, (mu_tr, lv_tr, y_tr), model_id)
             clfs = {path: ProbabilisticClassifier(model, h, path=path, samples=c.samples, bounded_M=c.bounded_M,
                                                   seed=c.seed).to(job.device)
                     for path in (("mu",) if deterministic else ("mu", "samples"))}
@@ -389,15 +410,23 @@ def _representation(job: _Job, name: str, model: nn.Module, entry: dict, curves:
             if deterministic:
                 paths["samples"] = dict(paths["mu"], note="deterministic encoder: the S-sample prediction is z = mu")
             budgets[str(b)] = dict(n_labels=len(idx), paths=paths)
-            if c.bound is not None and not deterministic and job.main:
-                budgets[str(b)]["bound"] = {str(e): proposition1(
-                    model, h, job.x_test, y_te, M=c.bound, eps=e, samples=c.bound_samples, batch_size=c.batch_size,
-                    seed=c.seed, device=job.device) for e in c.eps}
+            if c.bound is not None and not deterministic:
+                budgets[str(b)]["bound"] = {str(e): _bound(job, model, h, y_te, e) for e in c.eps}
             if c.out and c.plots and b == c.label_budgets[0] and task.name == c.tasks[0]:
                 for path, clf in clfs.items():
                     curves[f"{'S=%d' % c.samples if path == 'samples' else 'z = mu'}, labels {b}"] = dict(
                         eps=c.sweep_eps, acc=_sweep(job, clf, name))
             _flag_at_chance(job, name, task, b, budgets[str(b)])
+
+
+def _bound(job: _Job, model: nn.Module, head: nn.Module, y: torch.Tensor, eps: float) -> dict:
+    """Proposition 1 at this eps, every rank on its share of whole batches (``_scores``' sharding)."""
+    c = job.cfg
+    sl, b0 = udist.batch_shard(len(y), c.batch_size, job.rank, job.world)
+    per = proposition1_per_image(model, head, job.x_test[sl], y[sl], M=c.bound, eps=eps, samples=c.bound_samples,
+                                 batch_size=c.batch_size, seed=c.seed, first_batch=b0, device=job.device)
+    per = {k: udist.gather_rows(v.float(), len(y), c.batch_size) for k, v in per.items()}
+    return summarize_bound(per, M=c.bound, eps=eps, samples=c.bound_samples)
 
 
 def _flag_at_chance(job: _Job, name: str, task, b, result: dict) -> None:

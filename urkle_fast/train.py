@@ -148,6 +148,8 @@ class TrainConfig:
                                     "224 folder / imagenet)")
     num_classes: Optional[int] = opt(None, cli=False)
     classifier: Optional[str] = opt(None, cli=False)  # a supervised model's last layers: the dataset's head kind
+    decoder_output: Optional[str] = opt(None, cli=False)  # sigmoid (VAE, Bernoulli) or linear (AE, squared error)
+    objective_version: Optional[int] = opt(None, cli=False)  # OBJECTIVE_VERSION at the run's start
     pixel_mean: Optional[list] = opt(None, cli=False)
     pixel_std: Optional[list] = opt(None, cli=False)
 
@@ -161,7 +163,13 @@ RUNTIME_FIELDS = ("out_dir", "resume", "overwrite", "progress", "num_workers", "
 # read or chunked, and the base lr (lowering it is how a diverged run is continued). Every other flag given
 # with --resume must agree with the checkpoint, or the resume is refused with the flags named.
 APPLIED_ON_RESUME = ("data_root", "loader", "micro_batch", "skip_bad_images", "base_lr")
-FILLED_FIELDS = ("family", "in_channels", "num_classes", "pixel_mean", "pixel_std", "classifier")  # resolve_config's
+FILLED_FIELDS = ("family", "in_channels", "num_classes", "pixel_mean", "pixel_std", "classifier", "decoder_output",
+                 "objective_version")
+# Version 2 (issue 10): SimCLR and RoCL deterministic, RoCL's official loss and step, TRADES in two passes, AE+TRADES
+# with the squared error, the ramp off for the baselines. A run of these methods started under version 1 computes
+# another objective: resuming it under version 2 would mix the two, so it is refused.
+OBJECTIVE_VERSION = 2
+CHANGED_IN_V2 = ("simclr", "rocl", "trades", "ae_trades")  # resolve_config's
 
 
 class StepOutOfMemoryError(RuntimeError):
@@ -230,8 +238,16 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"--encoder {c.encoder}: {c.method} is a classifier, it has no p(z|x)")
     if c.encoder == "gaussian" and c.family == "ae":
         raise ValueError("--encoder gaussian: ae_trades is the deterministic auto-encoder (vae_urkle is the Gaussian one)")
+    if c.encoder == "deterministic" and method.urkle:
+        raise ValueError(f"--encoder deterministic: {c.method}'s Urkle KL needs a Gaussian p(z|x) (with a constant "
+                         f"sigma of e^-10 the KL is ~e^20 |delta mu|^2 and training diverges)")
+    if c.label_budget is not None and c.train_subset is not None:
+        raise ValueError("--label-budget draws its class-balanced subset from the whole training set (the one "
+                         "eval's heads see); drop --train-subset")
     c.encoder = None if c.family == "supervised" else (c.encoder or method.encoder)
     c.classifier = c.classifier or (table.head if c.family == "supervised" else None)
+    c.decoder_output = c.decoder_output or {"vae": "sigmoid", "ae": "linear"}.get(c.family)
+    c.objective_version = c.objective_version or OBJECTIVE_VERSION
     c.arch = c.arch or table.arch
     c.epochs = table.epochs if c.epochs is None else c.epochs
     c.batch_size = table.batch if c.batch_size is None else c.batch_size
@@ -366,6 +382,11 @@ def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, Optional[dict]]:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = {k: v for k, v in state["config"].items() if k in known}
     _fill_older(saved)
+    if saved["objective_version"] < OBJECTIVE_VERSION and saved.get("method") in CHANGED_IN_V2:
+        raise ValueError(f"--resume: {source} is a {saved.get('method')} run of objective version "
+                         f"{saved['objective_version']}; this version ({OBJECTIVE_VERSION}) trains {saved.get('method')} "
+                         f"differently (docs/MATH.md sec 5), so continuing it would mix two objectives. Evaluate it "
+                         f"as it is, or start a new run (another --out-dir, or --overwrite)")
     given = _given(cfg) - set(RUNTIME_FIELDS) - set(FILLED_FIELDS)
     differ = {k: (saved.get(k), getattr(cfg, k)) for k in sorted(given) if getattr(cfg, k) != saved.get(k)}
     refused = {k: v for k, v in differ.items() if k not in APPLIED_ON_RESUME}
@@ -385,9 +406,12 @@ def _fill_older(saved: dict) -> None:
     family = saved.get("family") or get_method(saved.get("method")).family
     if family != "supervised":
         saved.setdefault("encoder", "deterministic" if family == "ae" else "gaussian")
+        if family in ("vae", "ae"):
+            saved.setdefault("decoder_output", "sigmoid")  # the auto-encoder was trained with BCE then
     else:
         saved.setdefault("classifier", "linear")
     saved.setdefault("beta_warmup_epochs", saved.get("warmup_epochs"))
+    saved.setdefault("objective_version", 1)
 
 
 def _labels_of(ds) -> torch.Tensor:
@@ -453,7 +477,8 @@ def setup(cfg: TrainConfig) -> Run:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     ds = _train_dataset(cfg)
-    cfg.loader = resolve_loader(cfg.loader, ds, dataset=cfg.dataset, on_cuda=on_cuda, train_subset=cfg.train_subset,
+    cfg.loader = resolve_loader(cfg.loader, ds, dataset=cfg.dataset, on_cuda=on_cuda,
+                                train_subset=cfg.train_subset or cfg.label_budget,  # DALI would read every file
                                 preset=cfg.augment, skip_bad_images=cfg.skip_bad_images)
     cfg.num_classes = cfg.num_classes or num_classes_of(ds)
     step = int(resume["step"]) if resume is not None else 0

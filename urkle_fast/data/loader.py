@@ -94,7 +94,7 @@ def resolve_loader(loader: str, ds, *, dataset: str, on_cuda: bool, train_subset
             raise ValueError(f"--loader dali reads ImageFolder JPEG trees; dataset {dataset!r} is not one "
                              f"(use --loader torch)")
         if train_subset:
-            raise ValueError("--loader dali reads the whole tree; --train-subset needs --loader torch")
+            raise ValueError("--loader dali reads the whole tree; --train-subset / --label-budget need --loader torch")
         if preset not in DALI_PRESETS:
             raise ValueError(f"--loader dali has the augmentation presets {DALI_PRESETS}, not {preset!r}")
     return loader

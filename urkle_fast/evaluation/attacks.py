@@ -68,23 +68,27 @@ def _per_sample_loss(loss: str, log_p: torch.Tensor, y: torch.Tensor, target: Op
 
 def _loss_and_grad(clf: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, eot_iter: int, loss_name: str = "ce",
                    target: Optional[torch.Tensor] = None):
-    """Per-sample loss [B] and the summed-loss gradient, both averaged over eot_iter draws, and the last draw's
-    log-probs. A classifier with ``eot_log_probs`` gives all draws from one encoder pass."""
+    """Per-sample loss [B] and the summed-loss gradient, both averaged over eot_iter draws, and the log of the
+    draws' averaged probabilities [B, C] (what APGD judges "fooled" by: one draw of a stochastic prediction is
+    too noisy to stop attacking an image). A classifier with ``eot_log_probs`` gives every draw from one
+    encoder pass."""
     if eot_iter > 1 and hasattr(clf, "eot_log_probs"):
         xr = x_adv.detach().requires_grad_(True)
         log_ps = clf.eot_log_probs(xr, eot_iter)
         loss = torch.stack([_per_sample_loss(loss_name, lp, y, target) for lp in log_ps]).mean(0)
         grad = torch.autograd.grad(loss.sum(), xr)[0]
-        return loss.detach(), grad, log_ps[-1].detach()
+        return loss.detach(), grad, (torch.logsumexp(log_ps, 0) - math.log(eot_iter)).detach()
     grad = torch.zeros_like(x_adv)
     loss_sum = torch.zeros(len(y), device=x_adv.device)
+    log_ps = []
     for _ in range(eot_iter):
         xr = x_adv.detach().requires_grad_(True)
         log_p = clf(xr)
         loss = _per_sample_loss(loss_name, log_p, y, target)
         grad += torch.autograd.grad(loss.sum(), xr)[0]
         loss_sum += loss.detach()
-    return loss_sum / eot_iter, grad / eot_iter, log_p.detach()
+        log_ps.append(log_p.detach())
+    return loss_sum / eot_iter, grad / eot_iter, torch.logsumexp(torch.stack(log_ps), 0) - math.log(eot_iter)
 
 
 def pgd_linf(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 20,
@@ -158,6 +162,7 @@ def square_linf(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
     def signs(*shape):
         return torch.randint(0, 2, shape, generator=g, device=x.device).to(x.dtype) * 2 - 1
 
+    stochastic = bool(getattr(clf, "stochastic", False))
     x_best = (x + eps * signs(B, C, 1, W)).clamp(0, 1)  # vertical stripes
     margin = _margin(clf(x_best), y)
     for it in range(queries):
@@ -176,6 +181,10 @@ def square_linf(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
         better = m_new < margin[live]
         idx = live[better]
         x_best[idx], margin[idx] = cand[better], m_new[better]
+        if stochastic and len(idx):  # a stochastic fool retires the image only when a fresh draw confirms it
+            fooled = idx[margin[idx] <= 0]
+            if len(fooled):
+                margin[fooled] = torch.maximum(margin[fooled], _margin(clf(x_best[fooled]), y[fooled]))
     return x_best
 
 
@@ -190,7 +199,6 @@ def apgd_targeted(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
     targets being the 2nd, 3rd, ... most likely classes of the clean prediction; an image fooled under one
     target is not attacked again. Returns a misclassified point per image where one was found, else the
     last target's best point. Needs >= 4 classes."""
-    C = None
     x = x.detach()
     x_out = x.clone()
     with torch.no_grad():
@@ -199,7 +207,8 @@ def apgd_targeted(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
     if C < 4:
         raise ValueError(f"apgd_targeted: the targeted DLR loss needs >= 4 classes, got {C}")
     order = log_p.argsort(dim=1)
-    live = torch.ones(len(y), dtype=torch.bool, device=x.device)
+    # as AutoAttack: only images the clean prediction gets right (for the others the 2nd class can be y itself)
+    live = log_p.argmax(1) == y
     for k in range(2, min(n_targets, C - 1) + 2):
         idx = live.nonzero(as_tuple=True)[0]
         if len(idx) == 0:
@@ -322,9 +331,9 @@ def attack_scores(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: s
     of the same model), the same adversaries are scored on it as well: {"transfer": {"frac", "ok"}}.
 
     attack: one of ATTACKS ("square": steps = queries). Batch b's random start is seeded with seed +
-    first_batch + b (a rank evaluating batches [k, ...) passes first_batch=k and attacks exactly as one
-    process would); restart r adds 1_000_003 r, restart 0 being the single-run attack, so more restarts never
-    raise the accuracy."""
+    first_batch + b, and a stochastic classifier's z stream is reseeded per batch too (a rank evaluating
+    batches [k, ...) passes first_batch=k and attacks exactly as one process would); restart r adds
+    1_000_003 r, restart 0 being the single-run attack, so more restarts never raise the accuracy."""
     from urkle_fast.data import to_float01  # x may be uint8 (ImageFolder test sets are kept so)
 
     if attack not in ATTACKS:
@@ -335,8 +344,12 @@ def attack_scores(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: s
     device = device or next(clf.parameters()).device
     clf.eval()
     fracs, t_fracs = [], []
+    z_seeds = [getattr(c, "_seed", 0) for c in (clf, transfer_to)]
     for bi, i in enumerate(tqdm(range(0, len(x), batch_size), desc=desc or f"{attack} eps={eps:.4g}", leave=False)):
         xb, yb = to_float01(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device)
+        for c, s0 in zip((clf, transfer_to), z_seeds):  # z draws per batch: one process or W ranks draw the same
+            if hasattr(c, "reseed"):
+                c.reseed(s0 + 7919 * (first_batch + bi))
         frac_b, t_frac_b = torch.ones(len(yb)), torch.ones(len(yb))
         for r in range(restarts if eps > 0 else 1):
             sd = seed + first_batch + bi + 1_000_003 * r
@@ -347,6 +360,9 @@ def attack_scores(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: s
                 t_frac_b = torch.minimum(t_frac_b, score(transfer_to, xa, yb, redraws))
         fracs.append(frac_b)
         t_fracs.append(t_frac_b)
+    for c, s0 in zip((clf, transfer_to), z_seeds):  # the caller's seed back: every rank leaves in the same state
+        if hasattr(c, "reseed"):
+            c.reseed(s0)
     frac = torch.cat(fracs) if fracs else torch.zeros(0)
     out = {"frac": frac, "ok": frac >= 0.5}
     if transfer_to is not None:

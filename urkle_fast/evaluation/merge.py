@@ -2,7 +2,9 @@
 evaluations run separately (one per model, as scripts/reproduce_mnist.sh does), rows in --order.
 
 Refuses files whose dataset, eps or attack settings differ (their numbers would not be comparable); the
-test subsets must be the same too (n_test and seed are part of the settings)."""
+test subsets must be the same too (n_test and seed are part of the settings). One row name may come from
+several files when they hold different label budgets or tasks of the same model kind and method (the
+classifiers trained on 5000 and 1000 labels, for example)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,26 @@ from urkle_fast.evaluation.report import markdown_table, write_outputs
 
 # what must agree for two evaluations to share a table (the device and head-training details may differ)
 COMPARABLE = ("samples", "attack_steps", "alpha", "eot_iter", "apgd_steps", "apgd_targets", "square_queries",
-              "transfer", "redraws", "pgd_restarts", "n_test", "seed", "bounded_M")
+              "transfer", "redraws", "pgd_restarts", "n_test", "seed", "bounded_M", "head")
+
+
+def _join(into: dict, other: dict, name: str) -> None:
+    """One row name from two evaluations (a classifier per label budget, say): the same kind and method, and
+    no (task, budget) evaluated twice."""
+    if (into.get("kind"), into.get("method")) != (other.get("kind"), other.get("method")):
+        raise ValueError(f"model {name!r} names two different models ({into.get('method')} and "
+                         f"{other.get('method')}); rename one (--name)")
+    for task, t in other.get("tasks", {}).items():
+        mine = into.setdefault("tasks", {}).setdefault(task, {"budgets": {}})
+        twice = set(mine.get("budgets", {})) & set(t.get("budgets", {}))
+        if twice:
+            raise ValueError(f"model {name!r}, task {task}: labels {sorted(twice)} evaluated in two results files")
+        mine.setdefault("budgets", {}).update(t.get("budgets", {}))
+        if t.get("skipped") and not mine["budgets"]:
+            mine["skipped"] = t["skipped"]
+        elif mine["budgets"]:
+            mine.pop("skipped", None)
+    into["budgets"] = {**into.get("budgets", {}), **other.get("budgets", {})}
 
 
 def merge(parts: Sequence[dict], order: Sequence[str] = ()) -> dict:
@@ -34,8 +55,9 @@ def merge(parts: Sequence[dict], order: Sequence[str] = ()) -> dict:
     for p in parts:
         for name, m in p["models"].items():
             if name in merged["models"]:
-                raise ValueError(f"model {name!r} appears in two results files; rename one (--name)")
-            merged["models"][name] = m
+                _join(merged["models"][name], m, name)
+            else:
+                merged["models"][name] = m
         merged["label_budgets"] += [b for b in p["label_budgets"] if b not in merged["label_budgets"]]
         merged["tasks"] += [t for t in p.get("tasks") or [] if t not in merged["tasks"]]
     rank = {n: i for i, n in enumerate(order)}

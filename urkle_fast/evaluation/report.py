@@ -35,11 +35,13 @@ def _settings_text(s: dict) -> str:
             + (f", {s['pgd_restarts']} restarts: correct only if every run fails" if s.get("pgd_restarts", 1) > 1 else "")
             + f"), APGD-CE and APGD-T "
             f"({s.get('apgd_targets', 0)} targets) with {s['apgd_steps']} iterations, Square with "
-            f"{s.get('square_queries', 0)} queries (AutoAttack's standard ensemble, plus PGD). S-sample prediction "
+            f"{s.get('square_queries', 0)} queries (AutoAttack's standard ensemble without FAB-T, plus PGD). S-sample prediction "
             f"(S = {s['samples']}, paper Eq. 1): PGD, APGD-CE and APGD-DLR with EOT over {eot} forwards per step "
             f"(AutoAttack's rand version), Square, and every adversary of the z = mu path (transfer); an adversary "
             f"of a stochastic prediction fools only if most of {s.get('redraws', 1)} fresh predictions are wrong "
-            f"(redraw avg: the share of fresh predictions still right under each image's worst attack)."
+            f"(redraw avg: the share of fresh predictions still right under each image's worst attack). "
+            f"APGD-DLR needs 3 classes and APGD-T 4: a 2-class task runs without them (its attack columns say which "
+            f"ran)."
             + (f" Bounded softmax M = {s['bounded_M']}." if s.get("bounded_M") is not None else ""))
 
 

@@ -6,7 +6,8 @@ NCHW (pixel normalisation happens inside, so attack epsilons are in [0, 1] pixel
 * representation: ``encode(x) -> (mu, logvar)``, each [B, d_z] (p(z|x)); ``d_z``; ``deterministic``
   (True for SimCLR, RoCL and the auto-encoder of AE+TRADES: a linear last layer, logvar the constant
   DETERMINISTIC_LOGVAR, and ``sample`` returns mu); ``sample(mu, logvar)``; SimCLR-type models also ``project(z)``,
-  VAE / AE models also ``decode(z)`` (pixel means in [0, 1]) and ``decode_logits(z)``.
+  VAE / AE models also ``decode(z)`` (pixel means in [0, 1] for the VAE; the squared-error AE's linear output,
+  config ``decoder_output``) and ``decode_logits(z)``.
 * supervised: ``logits(x) -> [B, num_classes]``; ``forward = logits``.
 
 ``build_model(config)`` rebuilds a model from a resolved training config dict (checkpoint["config"]):
@@ -56,9 +57,11 @@ class RepresentationModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, feat_dim: int, d_z: int, mean, std, *, variance: str = "softplus",
                  sigma_min: float = 1e-2, projector: Optional[nn.Module] = None,
-                 decoder: Optional[nn.Module] = None, deterministic: bool = False):
+                 decoder: Optional[nn.Module] = None, deterministic: bool = False, decoder_output: str = "sigmoid"):
         super().__init__()
-        self.d_z, self.deterministic = d_z, deterministic
+        if decoder_output not in ("sigmoid", "linear"):
+            raise ValueError(f"decoder_output must be 'sigmoid' or 'linear', got {decoder_output!r}")
+        self.d_z, self.deterministic, self.decoder_output = d_z, deterministic, decoder_output
         self.normalize = Normalize(mean, std)
         self.backbone = backbone
         self.head = nn.Linear(feat_dim, d_z) if deterministic else GaussianHead(feat_dim, d_z, variance, sigma_min)
@@ -93,8 +96,10 @@ class RepresentationModel(nn.Module):
         return self.decoder(z)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z [B, d_z] -> reconstruction (Bernoulli means) [B, C, H, W] in [0, 1]."""
-        return torch.sigmoid(self.decode_logits(z))
+        """z [B, d_z] -> reconstruction [B, C, H, W]: Bernoulli means in [0, 1] (sigmoid output, the VAE's), or
+        the decoder's linear output (the squared-error auto-encoder's: a sigmoid would saturate and stall it)."""
+        out = self.decode_logits(z)
+        return torch.sigmoid(out) if self.decoder_output == "sigmoid" else out
 
 
 class SupervisedModel(nn.Module):
@@ -146,4 +151,5 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
                          f"not {arch!r}")
     decoder = decoders[arch](d_z, in_ch)
     return RepresentationModel(backbone, feat_dim, d_z, mean, std, decoder=decoder,
-                               deterministic=(encoder == "deterministic"), **kw)
+                               deterministic=(encoder == "deterministic"),
+                               decoder_output=config.get("decoder_output") or "sigmoid", **kw)

@@ -4,6 +4,7 @@
 #
 #   scripts/reproduce_mnist.sh                 # train every model, then evaluate (RESULTS.md records the times)
 #   PHASE=train scripts/reproduce_mnist.sh     # only the trainings; PHASE=eval only the evaluations
+#   N_TEST=500 TASKS=digit BUDGETS=all BOUND= BUDGET_RUNS= PHASE=eval scripts/reproduce_mnist.sh   # Table 1 only
 #
 # Every step resumes: a training with --resume if-exists, an evaluation is skipped when its results.json
 # exists. So an interrupted run is continued by running the same command again, and nothing is overwritten.
@@ -23,6 +24,11 @@ DATA_ROOT=${DATA_ROOT:-../shared/data}
 PHASE=${PHASE:-all}
 N_TEST=${N_TEST:-1000}          # class-balanced, seeded test subset for the attacks
 SQUARE=${SQUARE:-5000}          # AutoAttack's Square queries
+TASKS=${TASKS:-"digit parity gt4"}   # downstream tasks of the representation models (one head each)
+BUDGETS=${BUDGETS:-"all 5000 1000"}  # label budgets of their heads
+BOUND=${BOUND-10}               # Proposition 1 at this M for VAE+Urkle ("" = skip)
+EVAL_RUNS=${EVAL_RUNS:-"vae_urkle ae_trades standard at trades"}
+BUDGET_RUNS=${BUDGET_RUNS:-"standard at trades"}  # classifiers trained on 5000 / 1000 labels ("" = skip)
 THREADS=${THREADS:-1}
 mkdir -p "$OUT" "$LOG_DIR"
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
@@ -61,16 +67,19 @@ if [ "$PHASE" = all ] || [ "$PHASE" = train ]; then
 fi
 
 if [ "$PHASE" = all ] || [ "$PHASE" = eval ]; then
-  # the representation models and the all-label classifiers: heads on all / 5000 / 1000 labels; the tasks
-  # digit, parity and digit > 4 (one frozen representation, a head per task); Proposition 1 at M = 10
-  for run in vae_urkle ae_trades standard at trades; do
+  # the representation models and the all-label classifiers: heads per task and label budget (representation
+  # models), the full attack ensemble; Proposition 1 for VAE+Urkle (the Gaussian encoder)
+  for run in $EVAL_RUNS; do
     [ -f "$OUT/eval_$run/results.json" ] && continue
+    extra=()
+    [ "$run" = vae_urkle ] && [ -n "$BOUND" ] && extra=(--bound "$BOUND")
+    # shellcheck disable=SC2086
     timed eval "$run" "$PY" -m urkle_fast.eval --checkpoint "$OUT/$run/checkpoint.pt" --name "${NAME[$run]}" \
-      --dataset mnist --data-root "$DATA_ROOT" --eps 0.1 --label-budgets all 5000 1000 --tasks digit parity gt4 \
-      --n-test "$N_TEST" --square-queries "$SQUARE" --bound 10 --out "$OUT/eval_$run"
+      --dataset mnist --data-root "$DATA_ROOT" --eps 0.1 --label-budgets $BUDGETS --tasks $TASKS \
+      --n-test "$N_TEST" --square-queries "$SQUARE" "${extra[@]}" --out "$OUT/eval_$run"
   done
   for b in 5000 1000; do  # the classifiers trained on a label budget: reported in their own column only
-    for m in standard at trades; do
+    for m in $BUDGET_RUNS; do
       run=${m}_$b
       [ -f "$OUT/eval_$run/results.json" ] && continue
       timed eval "$run" "$PY" -m urkle_fast.eval --checkpoint "$OUT/$run/checkpoint.pt" --name "${NAME[$m]}" \

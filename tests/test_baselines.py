@@ -207,5 +207,7 @@ def test_resuming_a_run_of_the_older_objective_is_refused(tmp_path):
         if refused:
             with pytest.raises(ValueError, match="objective version 1"):
                 train(TrainConfig(method=method, out_dir=str(out), max_steps=2, resume="auto", **kw))
+            # a finished run of the older version: nothing to do, not an error (a requeued script goes on)
+            assert train(TrainConfig(method=method, out_dir=str(out), max_steps=1, resume="auto", **kw))["step"] == 1
         else:
             assert train(TrainConfig(method=method, out_dir=str(out), max_steps=2, resume="auto", **kw))["step"] == 2

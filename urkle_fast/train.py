@@ -382,11 +382,6 @@ def _load_resume(cfg: TrainConfig) -> tuple[TrainConfig, Optional[dict]]:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = {k: v for k, v in state["config"].items() if k in known}
     _fill_older(saved)
-    if saved["objective_version"] < OBJECTIVE_VERSION and saved.get("method") in CHANGED_IN_V2:
-        raise ValueError(f"--resume: {source} is a {saved.get('method')} run of objective version "
-                         f"{saved['objective_version']}; this version ({OBJECTIVE_VERSION}) trains {saved.get('method')} "
-                         f"differently (docs/MATH.md sec 5), so continuing it would mix two objectives. Evaluate it "
-                         f"as it is, or start a new run (another --out-dir, or --overwrite)")
     given = _given(cfg) - set(RUNTIME_FIELDS) - set(FILLED_FIELDS)
     differ = {k: (saved.get(k), getattr(cfg, k)) for k in sorted(given) if getattr(cfg, k) != saved.get(k)}
     refused = {k: v for k, v in differ.items() if k not in APPLIED_ON_RESUME}
@@ -493,6 +488,11 @@ def setup(cfg: TrainConfig) -> Run:
         more = (f"pass --max-steps up to {total_steps} to continue" if end_step < total_steps
                 else "its schedule has ended")
         raise RunFinished(f"nothing to do: {cfg.out_dir}/checkpoint.pt is at step {step} of {end_step} ({more})")
+    if resume is not None and cfg.objective_version < OBJECTIVE_VERSION and cfg.method in CHANGED_IN_V2:
+        raise ValueError(f"--resume: {cfg.out_dir} holds a {cfg.method} run of objective version {cfg.objective_version}; "
+                         f"this version ({OBJECTIVE_VERSION}) trains {cfg.method} differently (docs/MATH.md sec 5), so "
+                         f"continuing it would mix two objectives. Evaluate it as it is, or start a new run (another "
+                         f"--out-dir, or --overwrite)")
     model = _model(cfg, ctx, (on_cuda and world > 1) if cfg.sync_bn is None else cfg.sync_bn)
     if world > 1:  # the same initial weights on every rank; from here on each rank draws its own noise
         seed_everything(cfg.seed + 7919 * rank)

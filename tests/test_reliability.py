@@ -171,6 +171,11 @@ def test_a_truncated_jpeg_is_named_and_skipped_with_the_flag(tmp_path, data_root
     assert main([*args, "--out-dir", str(tmp_path / "a")]) == 2
     err = capfd.readouterr().err
     assert victim.name in err and "--skip-bad-images" in err and err.count("\n") <= 2
+    # the decoding worker is gone with the error: a worker left alive (it ignores SIGTERM) would hang the
+    # interpreter's exit, where multiprocessing terminates and then joins its children
+    import multiprocessing
+
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]
     assert main([*args, "--out-dir", str(tmp_path / "b"), "--skip-bad-images"]) == 0
     err = capfd.readouterr().err
     assert f"skipping unreadable image {str(victim)!r}" in err and "1 unreadable image file(s) skipped" in err

@@ -691,9 +691,10 @@ def train(cfg: TrainConfig) -> dict:
     last_loss = first_loss = None
     stopping = False  # every rank agrees on it (all-reduced with the loss each step)
     run.model.train()
+    batches = forever(run.loader) if run.step < run.end_step else iter(())
     with stop_signals() as signalled:
         try:
-            for crops, labels in (forever(run.loader) if run.step < run.end_step else ()):
+            for crops, labels in batches:
                 epoch = run.step // run.spe
                 # the robustness term ramps in (urkle_fast.optim.beta_ramp)
                 beta = cfg.beta_robust * beta_ramp(run.step, cfg.beta_warmup_epochs * run.spe)
@@ -726,6 +727,7 @@ def train(cfg: TrainConfig) -> dict:
             _save_on_error(run, last_loss)
             raise
         finally:
+            getattr(batches, "close", lambda: None)()  # the loader's decoding workers end here, error or not
             run.log.close(f"{cfg.method} on {cfg.dataset}, batch {cfg.batch_size}"
                           + (f", {run.ctx.world_size} processes" if run.ctx.world_size > 1 else ""), label=cfg.method)
     skipped = Path(cfg.out_dir) / "skipped_images.tsv"

@@ -251,13 +251,25 @@ def as_tensors(ds: Dataset, limit: Optional[int] = None) -> tuple[torch.Tensor, 
     return to_float01(torch.stack(xs)), torch.tensor(ys)
 
 
+_WORKER_TERM_GRACE_S = 60.0
+
+
 def _ignore_stop_signals(_worker_id: int) -> None:
     """Ctrl-C or a scheduler's SIGTERM reaches the whole process group: the trainer stops cleanly at the end
-    of its step (and checkpoints), so its decoding workers must not die first. They still exit with it."""
+    of its step (and checkpoints), so its decoding workers must not die first. They exit with it (the
+    trainer shuts its loaders down, epoch_batches' finally); a SIGTERM still ends a worker after a grace
+    period, so that nothing can wait on it forever (multiprocessing's exit handler terminates, then joins)."""
+    import os
     import signal
+    import threading
+
+    def later(_signum, _frame):
+        timer = threading.Timer(_WORKER_TERM_GRACE_S, os._exit, args=(0,))
+        timer.daemon = True
+        timer.start()
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, later)
 
 
 def epoch_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int, start_batch: int = 0,
@@ -286,8 +298,14 @@ def epoch_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int, start_
     loader = DataLoader(ds, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
                         pin_memory=pin_memory, persistent_workers=False,
                         worker_init_fn=_ignore_stop_signals if num_workers else None)
-    for images, labels in loader:
-        yield images, torch.as_tensor(labels)
+    it = iter(loader)
+    try:
+        for images, labels in it:
+            yield images, torch.as_tensor(labels)
+    finally:  # on an error or when the caller closes us: the workers go now, not whenever the iterator is collected
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def steps_per_epoch(ds: Dataset, batch_size: int) -> int:

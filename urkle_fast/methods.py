@@ -88,9 +88,13 @@ class Method:
     # contrast(P, V, hp, beta) -> (loss, metrics); RoCL adds its official 1/256-weighted term here
     contrast: Optional[Callable[[Tensor, int, LossParams, float], tuple[Tensor, Metrics]]] = None
     encoder: str = "gaussian"  # p(z|x): gaussian, or deterministic (z = mu; the paper's SimCLR, RoCL, AE)
-    ramp: bool = False  # beta_robust ramps in over --beta-warmup-epochs by default (an Urkle choice)
     alpha_rule: float = 2.5  # training PGD step when --pgd-alpha is not given: alpha_rule * eps / steps
     urkle: bool = False  # the loss holds KL[p(z|x) || p(z|x_adv)]: a Gaussian encoder is required
+
+    @property
+    def ramp(self) -> bool:
+        """beta_robust ramps in over --beta-warmup-epochs by default: an Urkle choice, not the baselines'."""
+        return self.urkle
 
     @property
     def contrastive(self) -> bool:
@@ -282,7 +286,7 @@ _LIGHT_PRESETS = ("none", "light")  # the supervised and reconstruction baseline
 _ROCL_ALPHA_RULE = 0.007 * 7 / (8 / 255)
 register(Method("simclr_urkle", "contrastive", 2, 4, 0.01, _CONTRASTIVE_PRESETS,
                 "SimCLR + Urkle: NT-Xent over 2 crops and their 2 Urkle adversaries + beta * KL (paper Eq. 12)",
-                inputs=_urkle_inputs, extra=ExtraTerm("urkle_kl", _urkle_kl_term, lambda B: 2 * B), ramp=True,
+                inputs=_urkle_inputs, extra=ExtraTerm("urkle_kl", _urkle_kl_term, lambda B: 2 * B),
                 urkle=True))
 register(Method("simclr", "contrastive", 2, 2, 0.0, _CONTRASTIVE_PRESETS,
                 "plain SimCLR: NT-Xent over 2 crops, deterministic encoder", inputs=_simclr_inputs,
@@ -293,7 +297,7 @@ register(Method("rocl", "contrastive", 2, 3, 1 / 256, _CONTRASTIVE_PRESETS,
                 encoder="deterministic", alpha_rule=_ROCL_ALPHA_RULE))
 register(Method("vae_urkle", "vae", 1, 2, 1.0, _LIGHT_PRESETS,
                 "VAE + Urkle: reconstruction + beta_vae * prior KL + beta * Urkle KL (paper Eq. 6)",
-                per_sample=vae_urkle_loss, ramp=True, urkle=True))
+                per_sample=vae_urkle_loss, urkle=True))
 register(Method("ae_trades", "ae", 1, 2, 1.0, _LIGHT_PRESETS,
                 "deterministic auto-encoder + TRADES-style reconstruction distance (paper Eq. 35/36)",
                 per_sample=ae_trades_loss, encoder="deterministic"))

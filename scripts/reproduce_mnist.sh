@@ -29,6 +29,7 @@ BUDGETS=${BUDGETS:-"all 5000 1000"}  # label budgets of their heads
 BOUND=${BOUND-10}               # Proposition 1 at this M for VAE+Urkle ("" = skip)
 EVAL_RUNS=${EVAL_RUNS:-"vae_urkle ae_trades standard at trades"}
 BUDGET_RUNS=${BUDGET_RUNS:-"standard at trades"}  # classifiers trained on 5000 / 1000 labels ("" = skip)
+TRAIN_RUNS=${TRAIN_RUNS:-}      # train only these runs of RUNS below ("" = all of them)
 THREADS=${THREADS:-1}
 mkdir -p "$OUT" "$LOG_DIR"
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
@@ -61,6 +62,7 @@ timed() {  # timed <phase> <run> <command...>
 if [ "$PHASE" = all ] || [ "$PHASE" = train ]; then
   for spec in "${RUNS[@]}"; do
     IFS='|' read -r run method extra <<< "$spec"
+    [ -n "$TRAIN_RUNS" ] && [[ " $TRAIN_RUNS " != *" $run "* ]] && continue
     # shellcheck disable=SC2086
     timed train "$run" "$PY" -m urkle_fast.train --method "$method" "${COMMON[@]}" $extra --out-dir "$OUT/$run"
   done

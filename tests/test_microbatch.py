@@ -136,5 +136,139 @@ def test_trainer_micro_batch(tmp_path):
     assert chunked["step"] == 3 and torch.isfinite(torch.tensor(chunked["loss"]))
     c = chunked["model"].state_dict()
     assert not all(torch.equal(a[k], c[k]) for k in a)  # batch norm saw chunks of 12 + 12 + 8
-    with pytest.raises(ValueError, match="--micro-batch must be an integer >= 1, got 0"):
-        train(TrainConfig(out_dir=str(tmp_path / "bad"), micro_batch=0, **TINY))
+    for bad in (0, -3, "half", True):
+        with pytest.raises(ValueError, match="--micro-batch must be auto or an integer >= 1, got"):
+            train(TrainConfig(out_dir=str(tmp_path / "bad"), micro_batch=bad, **TINY))
+    assert TrainConfig().micro_batch == "auto"
+
+
+# ----------------------------------------------------------------------------------------------
+# the uint8 batch augmented chunk by chunk, progress inside a step, --micro-batch auto
+
+
+@pytest.mark.parametrize("preset", ["simclr", "digits", "light", "none"])
+def test_lazy_views_are_the_whole_batch_views(preset):
+    """LazyViews draws every image's parameters at once, so any chunking gives exactly the whole batch's views
+    (bit for bit), while the batch itself stays uint8."""
+    from urkle_fast.data import LazyViews
+
+    x = torch.randint(0, 256, (13, 3, 20, 20), dtype=torch.uint8)
+    aug = MultiViewAugment(3, 16, preset)
+    full = aug(x, torch.Generator().manual_seed(5))
+    lazy = aug.lazy(x, torch.Generator().manual_seed(5))
+    assert isinstance(lazy, LazyViews) and lazy.images.dtype == torch.uint8 and lazy.shape == full.shape
+    parts = torch.cat([lazy[:, 0:4], lazy[:, 4:11], lazy[:, 11:13]], dim=1)
+    assert parts.dtype == torch.float32 and torch.equal(parts, full)
+    lazy.channels_last = True
+    assert torch.equal(lazy[:, 2:5], full[:, 2:5]) and lazy[:, 2:5].flatten(0, 1).is_contiguous(
+        memory_format=torch.channels_last)
+    for bad in (0, slice(0, 4), (slice(None), 3), (slice(None), slice(0, 8, 2))):
+        with pytest.raises(TypeError, match=r"LazyViews takes views\[:, i:j\]"):
+            lazy[bad]
+
+
+def test_trainer_batches_stay_uint8(tmp_path):
+    """The trainer's torch loader hands the step the decoded uint8 batch (LazyViews), not float views."""
+    from urkle_fast.data import LazyViews
+    from urkle_fast.data.loader import make_train_loader
+
+    ds = load_dataset("digits", split="train")
+    loader = make_train_loader("torch", ds, batch_size=32, views=2, size=8, preset="digits", seed=0,
+                               device=torch.device("cpu"), rank=0, world=1, num_workers=0, position=0, lazy=True)
+    crops, labels = next(iter(loader))
+    assert isinstance(crops, LazyViews) and crops.shape == (2, 32, 1, 8, 8) and labels.shape == (32,)
+    eager = make_train_loader("torch", ds, batch_size=32, views=2, size=8, preset="digits", seed=0,
+                              device=torch.device("cpu"), rank=0, world=1, num_workers=0, position=0)
+    assert torch.equal(next(iter(eager))[0], crops.materialize())
+
+
+@pytest.mark.parametrize("method", ["simclr_urkle", "at"])
+def test_progress_inside_a_micro_batched_step(method):
+    """on_chunk is called after every chunk (twice per chunk for the gradient cache: the attack pass, then the
+    backward pass), and the images it reports add up to the batch; RunLog shows "chunk i/n" on the bar."""
+    from urkle_fast.runlog import RunLog
+
+    cfg, model, views, y = _setup(method)
+    calls = []
+    microbatch.micro_batched_step(model, get_method(method), views, y, LossParams.of(cfg), cfg.beta_robust, 4,
+                                  on_chunk=lambda *a: calls.append(a))
+    n = 3  # chunks of 4, 4 and 2
+    total = 2 * n if get_method(method).contrastive else n
+    assert [c[:2] for c in calls] == [(i, total) for i in range(1, total + 1)] and sum(c[2] for c in calls) == 10
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        log = RunLog(Path(d), main_rank=True, log_every=1, start_step=0, end_step=1, desc="t", progress=True)
+        for c in calls:
+            log.chunk(*c)
+        assert f"chunk {total}/{total}" in log.pbar.postfix and "img/s" in log.pbar.postfix
+        log.close()
+
+
+def _capped(tmp_path, name, cap_mb, *flags, whole_batch_first=False):
+    """The trainer on _SCALED + flags, under a real address-space cap of cap_mb (tests/memory_cap.py; None: no
+    cap); (exit code, stderr, the loss of every step)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / name
+    train_argv = [*_SCALED, "--out-dir", str(out), *flags]
+    cmd = [sys.executable, "-m", "urkle_fast.train", *train_argv] if cap_mb is None else \
+        [sys.executable, str(Path(__file__).with_name("memory_cap.py")), str(cap_mb),
+         *(["--whole-batch-first"] if whole_batch_first else []), "--", *train_argv]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = out / "metrics.jsonl"
+    losses = [json.loads(ln)["loss"] for ln in metrics.read_text().splitlines()] if metrics.exists() else []
+    return p.returncode, p.stderr, losses
+
+
+# digits upscaled to 32 px: a step of 256 images needs ~1.2 GB, so that a 300 MB cap does not hold it
+_SCALED = ["--dataset", "digits", "--image-size", "32", "--batch", "256", "--max-steps", "2", "--threads", "1",
+           "--num-workers", "0", "--no-progress", "--log-every", "1"]
+
+
+def _chosen(err):
+    import re
+
+    found = re.findall(r"--micro-batch auto: (\d+) images per chunk", err)
+    return int(found[-1]) if found else None
+
+
+def test_micro_batch_auto_fits_a_memory_cap(tmp_path):
+    """Under a real 300 MB address-space cap the whole batch (about 1.2 GB) cannot run: auto estimates a chunk
+    that fits from its probe steps, says which, and trains with exactly the losses of that fixed --micro-batch."""
+    rc, err, losses = _capped(tmp_path, "auto", 300)
+    assert rc == 0, err[-2000:]
+    m = _chosen(err)
+    assert m is not None and 1 <= m < 256 and "peak memory grows" in err, err[-2000:]
+    rc, err_fixed, fixed = _capped(tmp_path, "fixed", None, "--micro-batch", str(m))
+    assert rc == 0, err_fixed[-2000:]
+    assert len(losses) == 2 and losses == fixed
+
+
+def test_micro_batch_auto_halves_on_a_real_out_of_memory(tmp_path):
+    """With the estimate skipped, the whole batch is tried under the cap: the CPU allocator refuses it (a real
+    "can't allocate memory"), the step is retried from the same random state with half the chunk until it fits,
+    and the losses are those of that fixed --micro-batch."""
+    rc, err, losses = _capped(tmp_path, "halving", 300, whole_batch_first=True)
+    assert rc == 0, err[-2000:]
+    import re
+
+    halvings = [int(n) for n in re.findall(r"out of memory at (\d+) images per chunk; step 0 again", err)]
+    assert halvings and halvings[0] == 256 and halvings == [256 >> i for i in range(len(halvings))], err[-2000:]
+    m = halvings[-1] // 2
+    rc, err_fixed, fixed = _capped(tmp_path, "fixed", None, "--micro-batch", str(m))
+    assert rc == 0, err_fixed[-2000:]
+    assert len(losses) == 2 and losses == fixed
+
+
+def test_is_out_of_memory():
+    assert microbatch.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert microbatch.is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                                                    "can't allocate memory: you tried to allocate 2470445056 bytes"))
+    assert not microbatch.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not microbatch.is_out_of_memory(ValueError("can't allocate memory"))

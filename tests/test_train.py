@@ -120,6 +120,33 @@ def test_sigterm_leaves_a_loadable_checkpoint_and_resume_matches(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_second_signal_stops_inside_the_step(tmp_path):
+    """A long micro-batched step: the first SIGINT asks to stop after the step (and says so), a second one stops at
+    once with exit 130, keeping the checkpoint on disk untouched: the one of step 1 (a periodic snapshot is written
+    once the next step's loss is finite, so step 2's is still pending in step 3)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "urkle_fast.train", "--dataset", "digits", "--image-size", "32", "--batch", "256",
+           "--micro-batch", "4", "--pgd-steps", "10", "--epochs", "4", "--ckpt-every", "1", "--log-every", "1",
+           "--threads", "1", "--num-workers", "0", "--no-progress", "--out-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(1)  # inside step 3 (64 chunks of 4 images)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1)
+    assert proc.poll() is None  # the first signal waits for the step
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert time.time() - t0 < 10 and "stopping after the step in progress" in err and "stopped inside the step" in err
+    assert "Traceback" not in err
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 1 and f"the last checkpoint is {out}" in err
+
+
 def test_clear_errors(tmp_path, capsys):
     assert main(["--dataset", "mnist", "--data-root", str(tmp_path / "missing"), "--out-dir", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -281,7 +308,7 @@ def test_out_of_memory_in_a_step_says_how_to_fit(tmp_path, monkeypatch, capsys):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(Method, "loss", oom)
-    rc = main(["--dataset", "digits", "--batch", "32", "--max-steps", "1", "--no-progress",
+    rc = main(["--dataset", "digits", "--batch", "32", "--micro-batch", "32", "--max-steps", "1", "--no-progress",
                "--out-dir", str(tmp_path / "oom")])
     err = capsys.readouterr().err
     assert rc == 4

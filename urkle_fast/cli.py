@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 def opt(default: Any = None, help: str = "", *, factory: Optional[Callable[[], Any]] = None, cli: bool = True,
         **argparse_kw: Any) -> Any:
     """A dataclass field with its --help text; ``argparse_kw`` (choices, aliases, action, required, nargs,
-    metavar) go to ``add_argument``; ``cli=False``: not a flag (filled in by the program)."""
+    metavar, type) go to ``add_argument``; ``cli=False``: not a flag (filled in by the program)."""
     metadata = {"help": help, "cli": cli, **argparse_kw}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
@@ -53,7 +53,7 @@ def parser_for(cls: type, prog: str, description: str) -> argparse.ArgumentParse
             kw.setdefault("nargs", "+")
             kw["type"] = _scalar(str(f.type).split("list[", 1)[1])
         elif "action" not in kw and "nargs" not in kw:
-            kw["type"] = _scalar(str(f.type))
+            kw.setdefault("type", _scalar(str(f.type)))  # a field may bring its own parser (type=...)
         elif kw.get("action") == "append":
             kw["type"] = _scalar(str(f.type).split("list[", 1)[1])
         if kw.get("action") == "append":

@@ -193,6 +193,16 @@ def all_reduce_mean(values: Tensor) -> Tensor:
     return out / dist.get_world_size()
 
 
+def all_reduce_min(value: int) -> int:
+    """The smallest of every rank's integer (the value itself when not distributed): the ranks agree on a
+    micro-batch size that fits on all of them."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t[0])
+
+
 def loss_and_stop(loss: Tensor, signalled: bool) -> tuple[float, bool]:
     """The training loop's one collective per step: (the mean loss over ranks, whether ANY rank was
     signalled), so that every rank stops at the same step."""

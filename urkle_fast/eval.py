@@ -42,7 +42,7 @@ from .checkpoint import write_atomic
 from .evaluation.attacks import attack_scores, wilson_interval
 from .evaluation.bound import proposition1_per_image, summarize_bound
 from .evaluation.datasets import Split, load_split
-from .evaluation.probe import (ProbabilisticClassifier, balanced_subset, encode_dataset, make_head, parse_budget, predict,
+from .evaluation.probe import (ProbabilisticClassifier, balanced_subset, encode_dataset, make_head, parse_budget,
                                train_head)
 from .evaluation.report import markdown_table, write_outputs
 from .evaluation.tasks import get_task, primary_task

@@ -77,6 +77,22 @@ class RunLog:
                 self.pbar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rec['img_per_s']:.0f}")
         self.pbar.update(1)
 
+    def chunk(self, done: int, total: int, images: int) -> None:
+        """Inside a micro-batched step (urkle_fast.microbatch's on_chunk): "chunk done/total" and the images per
+        second of the backward chunks so far, so that a step of minutes is not a frozen bar."""
+        if self.pbar.disable:
+            return
+        now = time.perf_counter()
+        if done == 1 or not hasattr(self, "_chunk_t0"):
+            self._chunk_t0, self._chunk_images = now, 0
+        self._chunk_images += images
+        rate = self._chunk_images / max(now - self._chunk_t0, 1e-9)
+        self.pbar.set_postfix_str(f"chunk {done}/{total}" + (f", {rate:.1f} img/s" if self._chunk_images else ""))
+
+    def write(self, text: str) -> None:
+        """A line above the progress bar (stderr), not in the metrics."""
+        self.pbar.write(text, file=sys.stderr)
+
     def close(self, title: Optional[str] = None, label: str = "") -> None:
         """Flush and close; with a title, draw <out_dir>/curves.png (rank 0), the curves labelled ``label``."""
         self.pbar.close()

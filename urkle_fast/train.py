@@ -18,6 +18,7 @@ LARS step and schedule -> log -> checkpoint. Checkpoints (urkle_fast.checkpoint,
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -40,18 +41,27 @@ from urkle_fast import distributed as udist
 from urkle_fast.checkpoint import (CheckpointError, checkpoint_bytes, load_checkpoint, load_model, non_finite_entries,
                                    remove_stale_temp_files, save_checkpoint, unwrap, write_text_atomic)
 from urkle_fast.cli import config_from, flag as _flag, given_fields, opt, parser_for
-from urkle_fast.data import INFO, BadImageError, DataRootError, InMemoryDataset, load_dataset, num_classes_of
+from urkle_fast.data import INFO, BadImageError, DataRootError, InMemoryDataset, LazyViews, load_dataset, num_classes_of
 from urkle_fast.data.loader import forever, make_train_loader, resolve_loader
 from urkle_fast.data.datasets import balanced_subset
 from urkle_fast.defaults import DATASETS, defaults_for, help_for
 from urkle_fast.methods import METHODS, LossParams, Method, get_method
-from urkle_fast.microbatch import micro_batched_step
+from urkle_fast.microbatch import StepSnapshot, estimate_micro_batch, is_out_of_memory, micro_batched_step
 from urkle_fast.models import ARCH_D_Z, build_model
 from urkle_fast.ops._checks import NonFiniteInputError
 from urkle_fast.optim import beta_ramp, make_optimizer, warmup_cosine
 from urkle_fast.runlog import RunLog
 
 _ON_CUDA = " (None: on for CUDA)"
+
+
+def _micro_batch_arg(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number of images, got {value!r}") from None
 
 
 @dataclass
@@ -122,9 +132,11 @@ class TrainConfig:
     loader: str = opt("auto", "torch: DataLoader + augmentation on the device; dali: NVIDIA DALI decodes and "
                       "augments (ImageFolder trees); auto: dali for folder / imagenet on CUDA when installed",
                       choices=["auto", "torch", "dali"])
-    micro_batch: Optional[int] = opt(None, "split this process's share of the batch into chunks of this many images "
-                                     "(exact gradient of the whole batch; contrastive methods use a gradient cache); "
-                                     "None: one chunk")
+    micro_batch: Any = opt("auto", "split this process's share of the batch into chunks of this many images (the exact "
+                           "gradient of the whole batch; contrastive methods use a gradient cache); auto: the whole "
+                           "share if it fits, else the largest chunk that does (estimated from the memory of small "
+                           "probe steps on the CPU, halved on out-of-memory); the choice is printed",
+                           type=_micro_batch_arg, metavar="{auto,M}")
     num_workers: int = opt(2, "DataLoader workers (or DALI threads) decoding images")
     threads: Optional[int] = opt(None, "torch CPU threads (None: torch's default; 1 is fastest for digits)")
     ckpt_every: int = opt(0, "steps between checkpoints; 0: only at the end and on SIGTERM / SIGINT")
@@ -181,6 +193,11 @@ class NonFiniteLossError(RuntimeError):
     checkpoint is left as it was."""
 
 
+class StoppedNow(BaseException):
+    """A second SIGTERM / SIGINT: stop inside the step, keep the last checkpoint (a BaseException, so that the
+    loop's error handler does not save the half-done step)."""
+
+
 class RunFinished(Exception):
     """--resume on a run that has reached its last step: nothing to do (the checkpoint is not touched)."""
 
@@ -209,7 +226,10 @@ def validate(cfg: TrainConfig) -> None:
         need(getattr(cfg, name) >= 1, name, "an integer >= 1")
     for name in ("ckpt_every", "pgd_steps", "num_workers"):
         need(getattr(cfg, name) >= 0, name, "an integer >= 0")
-    for name in ("threads", "train_subset", "label_budget", "max_steps", "epochs", "batch_size", "micro_batch", "d_z", "image_size",
+    if cfg.micro_batch not in (None, "auto"):
+        need(isinstance(cfg.micro_batch, int) and not isinstance(cfg.micro_batch, bool) and cfg.micro_batch >= 1,
+             "micro_batch", "auto or an integer >= 1")
+    for name in ("threads", "train_subset", "label_budget", "max_steps", "epochs", "batch_size", "d_z", "image_size",
                  "proj_hidden", "proj_dim"):
         if getattr(cfg, name) is not None:
             need(getattr(cfg, name) >= 1, name, "an integer >= 1")
@@ -290,7 +310,8 @@ class Run:
     step: int = 0
     amp: bool = False
     channels_last: bool = False
-    micro: Optional[int] = None
+    micro: Any = None  # images per chunk; None: the whole batch in one pass; "auto": not decided yet
+    auto_micro: bool = False  # --micro-batch auto: a step that runs out of memory is retried with half the chunk
     saved_step: int = 0  # the step of the checkpoint on disk
     pending: Optional[tuple] = None  # (step, bytes) of a deferred checkpoint (see save)
 
@@ -466,8 +487,6 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the "
                          f"number of processes ({world})")
-    if cfg.micro_batch is not None and cfg.micro_batch < 1:
-        raise ValueError(f"--micro-batch must be a positive number of images, got {cfg.micro_batch}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -480,7 +499,7 @@ def setup(cfg: TrainConfig) -> Run:
     loader = make_train_loader(cfg.loader, ds, batch_size=cfg.batch_size, views=method.crops_per_image,
                                size=cfg.image_size, preset=cfg.augment, seed=cfg.seed, device=ctx.device, rank=rank,
                                world=world, num_workers=cfg.num_workers, position=step,
-                               states=resume.get("loader_ranks") if resume is not None else None)
+                               states=resume.get("loader_ranks") if resume is not None else None, lazy=True)
     spe = len(loader)
     total_steps = cfg.epochs * spe
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
@@ -506,7 +525,8 @@ def setup(cfg: TrainConfig) -> Run:
     if on_cuda if cfg.compile is None else cfg.compile:
         compile_model(model, cfg.compile_backend)
     local_batch = cfg.batch_size // world
-    micro = cfg.micro_batch if cfg.micro_batch and cfg.micro_batch < local_batch else None
+    # None: the whole share in one pass; "auto": decided at the first step (fit_micro_batch)
+    micro = cfg.micro_batch if cfg.micro_batch == "auto" or (cfg.micro_batch or local_batch) < local_batch else None
     step_module: nn.Module = MethodStep(model, method)
     if micro and world > 1:
         # chunks call the model several times per step, which DDP's reducer does not allow: the
@@ -529,7 +549,8 @@ def setup(cfg: TrainConfig) -> Run:
                  desc=f"{cfg.method}/{cfg.dataset}" + (f" x{world}" if world > 1 else ""), progress=cfg.progress,
                  tensorboard=cfg.tensorboard, resumed=resume is not None)
     return Run(cfg, ctx, method, model, step_module, optimizer, scheduler, loader, log, spe, end_step, step,
-               amp=on_cuda if cfg.amp is None else cfg.amp, channels_last=channels_last, micro=micro, saved_step=step)
+               amp=on_cuda if cfg.amp is None else cfg.amp, channels_last=channels_last, micro=micro,
+               auto_micro=micro == "auto", saved_step=step)
 
 
 def _restore(state: dict, model, optimizer, scheduler, ctx: udist.DistContext, cfg: TrainConfig) -> None:
@@ -594,35 +615,91 @@ def write_pending(run: Run) -> None:
 # the loop
 
 
-def forward_backward(run: Run, crops: torch.Tensor, labels: torch.Tensor, hp: LossParams,
-                     beta: float) -> tuple[torch.Tensor, dict]:
+def forward_backward(run: Run, crops, labels: torch.Tensor, hp: LossParams, beta: float) -> tuple[torch.Tensor, dict]:
     """The method's loss on this rank's batch and, in every p.grad, the gradient of the GLOBAL batch's
-    loss: DDP's all-reduce, or chunk by chunk (urkle_fast.microbatch) then one flat all-reduce."""
-    if run.channels_last:
+    loss: DDP's all-reduce, or chunk by chunk (urkle_fast.microbatch) then one flat all-reduce. ``crops``: a
+    tensor or LazyViews (augmented chunk by chunk). With --micro-batch auto the chunk size is decided at the first
+    step, and a step that runs out of memory in one process is retried with half the chunk."""
+    if run.micro == "auto":
+        _fit_micro_batch(run, crops, labels, hp, beta)
+    while True:
+        snapshot = StepSnapshot(run.model, run.ctx.device) if run.auto_micro and run.ctx.world_size == 1 else None
+        try:
+            return _forward_backward(run, crops, labels, hp, beta)
+        except NonFiniteInputError as exc:
+            raise NonFiniteLossError(
+                f"non-finite values inside step {run.step} of {run.cfg.method} ({exc}): the model diverged. The last "
+                f"good checkpoint is left as it was: {run.ckpt_path if run.ckpt_path.exists() else 'none was written yet'}"
+                f". Resume it with a lower --base-lr, or lower --beta-robust / raise --sigma-min") from exc
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            n = run.micro or crops.shape[1]
+            if snapshot is None or n <= 1:
+                why = ("pass --micro-batch M with M < {n} (the gradient stays that of the whole batch), or start more "
+                       "processes (torchrun --nproc-per-node)" if snapshot is None and not run.auto_micro else
+                       "under torchrun the processes cannot retry one step together: pass --micro-batch M with M < {n}"
+                       if snapshot is None else "even one image per chunk does not fit: start more processes, or "
+                       "lower --image-size / --pgd-steps").format(n=n)
+                raise StepOutOfMemoryError(
+                    f"out of memory in the step at {n} images x {run.method.forward_rows} encoder rows each per process "
+                    f"({run.cfg.arch}, {run.cfg.image_size} px): {why}. {str(exc).splitlines()[0]}") from exc
+            del exc  # its traceback holds the failed try's tensors
+            snapshot.restore()
+            run.micro = n // 2
+            _say(run, f"--micro-batch auto: out of memory at {n} images per chunk; step {run.step} again with "
+                      f"{run.micro}")
+
+
+def _forward_backward(run: Run, crops, labels: torch.Tensor, hp: LossParams, beta: float):
+    if isinstance(crops, LazyViews):
+        crops.channels_last = run.channels_last
+        if not run.micro:
+            crops = crops.materialize()
+    elif run.channels_last:
         crops = crops.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(crops.shape)
     run.model.zero_grad(set_to_none=True)
-    try:
-        if run.micro:
-            loss, metrics = micro_batched_step(run.model, run.method, crops, labels, hp, beta, run.micro, amp=run.amp)
-            udist.all_reduce_gradients(run.model)
-            udist.broadcast_from_rank0(run.model.buffers())  # rank 0's batch-norm statistics, as DDP does
-            return loss, metrics
-        with torch.autocast(crops.device.type, dtype=torch.bfloat16, enabled=run.amp):
-            loss, metrics = run.step_module(crops, labels, hp, beta)
-        loss.backward()
-        return loss.detach(), metrics
-    except NonFiniteInputError as exc:
-        raise NonFiniteLossError(
-            f"non-finite values inside step {run.step} of {run.cfg.method} ({exc}): the model diverged. The last good "
-            f"checkpoint is left as it was: {run.ckpt_path if run.ckpt_path.exists() else 'none was written yet'}. "
-            f"Resume it with a lower --base-lr, or lower --beta-robust / raise --sigma-min") from exc
-    except torch.OutOfMemoryError as exc:
-        n = run.micro or crops.shape[1]
-        raise StepOutOfMemoryError(
-            f"out of memory in the step at {n} images x {run.method.forward_rows} encoder rows each per process "
-            f"({run.cfg.arch}, {run.cfg.image_size} px): pass --micro-batch M with M < {n} (the gradient stays "
-            f"that of the whole batch), or start more processes (torchrun --nproc-per-node). "
-            f"{str(exc).splitlines()[0]}") from exc
+    if run.micro:
+        loss, metrics = micro_batched_step(run.model, run.method, crops, labels, hp, beta, run.micro, amp=run.amp,
+                                           on_chunk=run.log.chunk)
+        udist.all_reduce_gradients(run.model)
+        udist.broadcast_from_rank0(run.model.buffers())  # rank 0's batch-norm statistics, as DDP does
+        return loss, metrics
+    with torch.autocast(crops.device.type, dtype=torch.bfloat16, enabled=run.amp):
+        loss, metrics = run.step_module(crops, labels, hp, beta)
+    loss.backward()
+    return loss.detach(), metrics
+
+
+def _fit_micro_batch(run: Run, crops, labels: torch.Tensor, hp: LossParams, beta: float) -> None:
+    """--micro-batch auto, before the first step: on the CPU the largest chunk that fits, estimated from small probe
+    steps (urkle_fast.microbatch.estimate_micro_batch; the ranks take the smallest); on CUDA the whole batch first
+    (an allocation that does not fit raises there). Then the run keeps it, halving only on out-of-memory."""
+    local = crops.shape[1]
+    run.micro, why = None, "CUDA: the whole batch first, halved on out-of-memory"
+    if run.ctx.device.type == "cpu":
+        def probe(m: int) -> None:
+            snapshot = StepSnapshot(run.model, run.ctx.device)
+            views = crops[:, :m] if isinstance(crops, LazyViews) else crops[:, :m].contiguous()
+            micro_batched_step(run.model, run.method, views, labels[:m], hp, beta, m, amp=run.amp)
+            snapshot.restore()
+
+        _say(run, f"--micro-batch auto: measuring the memory of a step at a few images ({local} per process)")
+        stored = (run.method.forward_rows * math.prod(crops.shape[2:]) * 4) if run.method.contrastive else 0
+        run.micro, why = estimate_micro_batch(probe, local, stored_per_image=stored)
+        run.micro = udist.all_reduce_min(run.micro or local)
+        run.micro = None if run.micro >= local else run.micro
+    if run.micro is None and run.ctx.world_size > 1:  # the whole share in one pass: DDP reduces the gradients
+        run.step_module = nn.parallel.DistributedDataParallel(
+            run.step_module, device_ids=[run.ctx.device.index] if run.ctx.device.type == "cuda" else None)
+    chosen = f"the whole batch ({local} images per process)" if run.micro is None else \
+        f"{run.micro} images per chunk ({math.ceil(local / run.micro)} chunks of the {local} per process)"
+    _say(run, f"--micro-batch auto: {chosen}; {why}")
+
+
+def _say(run: Run, text: str) -> None:
+    if run.ctx.is_main:
+        run.log.write(text)
 
 
 def _exploded(loss: float, first: float, factor: float) -> bool:
@@ -665,11 +742,20 @@ def _save_on_error(run: Run, loss: Optional[float]) -> None:
 @contextlib.contextmanager
 def stop_signals() -> Iterator[dict]:
     """{"signum": None | the SIGTERM / SIGINT received}; handlers only from the main thread (elsewhere a
-    signal keeps its default action)."""
+    signal keeps its default action). The first signal stops the run after the step in progress (checkpointed);
+    a second one stops it at once (StoppedNow), since a micro-batched step of batch 4096 on a CPU can take hours."""
     got: dict = {"signum": None}
     in_main = threading.current_thread() is threading.main_thread()
-    old = {s: signal.signal(s, lambda signum, frame: got.update(signum=signum))
-           for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
+
+    def handler(signum, frame):
+        if got["signum"] is not None:
+            raise StoppedNow(signal.Signals(signum).name)
+        got.update(signum=signum)
+        if udist.rank() == 0:
+            print(f"\nreceived {signal.Signals(signum).name}: stopping after the step in progress, which is then "
+                  f"checkpointed; send it again to stop now (that step is lost)", file=sys.stderr)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
     try:
         yield got
     finally:
@@ -756,6 +842,7 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    cfg = None
     try:
         if not argv or "--demo" in argv:
             from urkle_fast.demo import main as demo_main  # the default job (it evaluates, so it imports eval)
@@ -769,6 +856,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         msg = exc.summary if isinstance(exc, BadImageError) else str(exc)
         print(f"error: {msg}" if udist.rank() == 0 else f"error (rank {udist.rank()}): {msg}", file=sys.stderr)
         return {NonFiniteLossError: 3, StepOutOfMemoryError: 4}.get(type(exc), 2)
+    except StoppedNow as exc:
+        out = Path(cfg.out_dir if cfg is not None else "runs/demo") / "checkpoint.pt"
+        print(f"\nreceived {exc} again: stopped inside the step; the last checkpoint is "
+              f"{out if out.exists() else 'none (no step was saved yet)'}", file=sys.stderr)
+        return 128 + int(getattr(signal, str(exc)))
     finally:
         udist.shutdown()
     if result["interrupted"] is not None:

@@ -4,6 +4,8 @@ A training loader is iterable and resumable:
 
 * ``for crops, labels in loader`` yields the rest of the current epoch: crops float32 [V, b, C, S, S]
   in [0, 1] and labels int64 [b] on the training device (b = this rank's share of the global batch);
+  with ``lazy=True`` (the torch path; the trainer's choice) crops are ``LazyViews``: the decoded uint8 batch,
+  augmented chunk by chunk when the step asks for ``crops[:, i:j]``;
   ``forever(loader)`` chains epochs;
 * ``len(loader)``: full batches per epoch (the same on every rank);
 * ``state()`` after the batches consumed so far, and ``load_state(state)`` to continue exactly there.
@@ -28,9 +30,9 @@ from .datasets import InMemoryDataset, epoch_batches, steps_per_epoch
 
 class TorchMultiView:
     def __init__(self, ds: Dataset, batch_size: int, *, views: int, size: int, preset: str, seed: int,
-                 device: torch.device, shard: tuple[int, int] = (0, 1), num_workers: int = 0):
+                 device: torch.device, shard: tuple[int, int] = (0, 1), num_workers: int = 0, lazy: bool = False):
         self.ds, self.batch_size, self.seed, self.device, self.shard = ds, batch_size, seed, device, shard
-        self.num_workers = num_workers
+        self.num_workers, self.lazy = num_workers, lazy
         self.augment = MultiViewAugment(views=views, size=size, preset=preset)
         self._len = steps_per_epoch(ds, batch_size)
         self.position = 0  # batches consumed since the start of training (= the optimiser step)
@@ -46,7 +48,8 @@ class TorchMultiView:
                                             shard=self.shard):
             # one generator per (seed, step, rank): a resumed run draws the crops it would have drawn
             gen = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.position + (rank << 40))
-            crops = self.augment(images.to(self.device, non_blocking=True), gen)
+            images = images.to(self.device, non_blocking=True)
+            crops = self.augment.lazy(images, gen) if self.lazy else self.augment(images, gen)
             self.position += 1  # before the yield: state() taken after this batch's step points past it
             yield crops, labels.to(self.device, non_blocking=True)
 
@@ -102,13 +105,14 @@ def resolve_loader(loader: str, ds, *, dataset: str, on_cuda: bool, train_subset
 
 def make_train_loader(kind: str, ds, *, batch_size: int, views: int, size: int, preset: str, seed: int,
                       device: torch.device, rank: int, world: int, num_workers: int, position: int,
-                      states: Optional[list] = None):
+                      states: Optional[list] = None, lazy: bool = False):
     """The loader of this rank at optimiser step ``position``. ``states``: every rank's ``state()`` from the
     checkpoint (DALI resumes from its own; a run restarted on another number of ranks restarts DALI's
-    shuffle - the torch path's order does not depend on the number of ranks)."""
+    shuffle - the torch path's order does not depend on the number of ranks). ``lazy``: the torch path yields
+    ``LazyViews`` (DALI's GPU pipeline yields its float views)."""
     if kind == "torch":
         loader = TorchMultiView(ds, batch_size, views=views, size=size, preset=preset, seed=seed, device=device,
-                                shard=(rank, world), num_workers=num_workers)
+                                shard=(rank, world), num_workers=num_workers, lazy=lazy)
         loader.load_state({"position": position})
         return loader
     from .dali import DaliMultiView

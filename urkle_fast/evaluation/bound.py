@@ -27,7 +27,6 @@ A bound is vacuous when RHS >= M (every bounded loss is at most M anyway).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from .backbones import DigitsConv, DigitsDecoder, MNISTConv, MNISTDecoder, resnet
+from .backbones import DigitsConv, DigitsDecoder, MNISTConv, MNISTDecoder, NarrowResNet, resnet
 from .heads import GaussianHead, Normalize, Projector, make_head
 
 __all__ = [
@@ -35,7 +35,8 @@ DETERMINISTIC_LOGVAR = -20.0  # sigma = exp(-10) ~ 4.5e-5: z = mu for every prac
 
 FAMILIES = ("contrastive", "vae", "ae", "supervised")  # what a method needs (urkle_fast.methods.Method.family)
 # backbone -> d_z when the config leaves it open (the feature width of the ResNets; small for the conv nets)
-ARCH_D_Z = {"resnet18": 512, "resnet50": 2048, "mnist_conv": 128, "digits_conv": 64}
+ARCH_D_Z = {"resnet18": 512, "resnet50": 2048, "resnet18_w16": 128, "resnet18_w32": 256, "mnist_conv": 128,
+            "digits_conv": 64}
 
 
 def _backbone(arch: str, in_channels: int, stem: str) -> tuple[nn.Module, int]:
@@ -43,11 +44,14 @@ def _backbone(arch: str, in_channels: int, stem: str) -> tuple[nn.Module, int]:
         return resnet(18, in_channels, stem)
     if arch == "resnet50":
         return resnet(50, in_channels, stem)
+    if arch in ("resnet18_w16", "resnet18_w32"):
+        net = NarrowResNet(int(arch.rsplit("_w", 1)[1]), in_channels, stem)
+        return net, net.feat_dim
     if arch == "mnist_conv":
         return MNISTConv(in_channels), MNISTConv.feat_dim
     if arch == "digits_conv":
         return DigitsConv(in_channels), DigitsConv.feat_dim
-    raise ValueError(f"unknown arch {arch!r}; expected resnet18, resnet50, mnist_conv or digits_conv")
+    raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCH_D_Z)}")
 
 
 class RepresentationModel(nn.Module):

@@ -2,6 +2,9 @@
 
 * resnet18 / resnet50: torchvision (weights=None), fc removed; stem="cifar" swaps the 7x7/2 conv and
   the max-pool for one 3x3/1 conv (32-pixel inputs), stem="imagenet" keeps torchvision's.
+* resnet18_w16 / resnet18_w32: ResNet-18's layout (BasicBlocks 2-2-2-2, the same stems) at a quarter / half of
+  its width (base 16 / 32 channels instead of 64; 8x16 = 128 / 256 features): about 1/16 / 1/4 of its FLOPs, the
+  encoder a 2-core CPU can train on CIFAR-10 (issue 11's reduced protocol).
 * mnist_conv: docs/MATH.md sec 1, four 3x3 convs (32, 64, 128, 128 channels; strides 1, 2, 2, 2), ReLU,
   global average pooling -> 128 features. MNISTDecoder mirrors it with four ConvTranspose2d.
 * digits_conv: the same idea for scikit-learn's 8x8 digits (three 3x3 convs, 32/64/128).
@@ -28,6 +31,41 @@ def resnet(depth: int, in_channels: int = 3, stem: str = "cifar") -> tuple[nn.Mo
     feat_dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, feat_dim
+
+
+class NarrowResNet(nn.Module):
+    """ResNet-18 (torchvision's BasicBlock, 2-2-2-2) with base width ``width`` (ResNet-18: 64); features 8 x width."""
+
+    def __init__(self, width: int, in_channels: int = 3, stem: str = "cifar", blocks=(2, 2, 2, 2)):
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock
+
+        if stem == "cifar":
+            head = [nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)]
+        elif stem == "imagenet":
+            head = [nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)]
+        else:
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        head += [nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        if stem == "imagenet":
+            head.append(nn.MaxPool2d(3, stride=2, padding=1))
+        layers, c_in = [], width
+        for i, n in enumerate(blocks):
+            planes, stride = width * 2 ** i, 1 if i == 0 else 2
+            for j in range(n):
+                down = None
+                if j == 0 and (stride != 1 or c_in != planes):
+                    down = nn.Sequential(nn.Conv2d(c_in, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+                layers.append(BasicBlock(c_in, planes, stride if j == 0 else 1, down))
+                c_in = planes
+        self.net = nn.Sequential(*head, *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.feat_dim = c_in
+        for m in self.modules():  # torchvision's ResNet initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 class MNISTConv(nn.Module):

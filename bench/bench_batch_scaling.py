@@ -2,7 +2,7 @@
 micro-batch, through the trainer itself (its loader hands the step the uint8 batch, augmented chunk by chunk; the
 gradient cache of urkle_fast.microbatch), against the cost model of the same encoder measured in isolation.
 
-    pytest bench/bench_batch_scaling.py --benchmark-only      # about 20 minutes on one core; CPU only
+    URKLE_FAST_BENCH_SCALING=1 pytest bench/bench_batch_scaling.py --benchmark-only   # ~20 min on one core; CPU
 
 Two cases (issue 11 item 3):
 
@@ -50,7 +50,11 @@ CASES = {
 }
 ROWS: list[dict] = []
 
-pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="the CPU scaling study (GPU steps: bench_train_step.py)")
+pytestmark = [
+    pytest.mark.skipif(DEVICE != "cpu", reason="the CPU scaling study (GPU steps: bench_train_step.py)"),
+    pytest.mark.skipif(os.environ.get("URKLE_FAST_BENCH_SCALING") != "1",
+                       reason="about 20 minutes: URKLE_FAST_BENCH_SCALING=1 runs it"),
+]
 
 
 def _median_seconds(fn, repeats: int = 3) -> float:

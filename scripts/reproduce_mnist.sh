@@ -4,7 +4,13 @@
 #
 #   scripts/reproduce_mnist.sh                 # train every model, then evaluate (RESULTS.md records the times)
 #   PHASE=train scripts/reproduce_mnist.sh     # only the trainings; PHASE=eval only the evaluations
-#   N_TEST=500 TASKS=digit BUDGETS=all BOUND= BUDGET_RUNS= PHASE=eval scripts/reproduce_mnist.sh   # Table 1 only
+#   N_TEST=500 BUDGETS=all TASKS= BOUND= BUDGET_RUNS= PHASE=eval scripts/reproduce_mnist.sh   # Table 1 only
+#   N_TEST=500 BUDGETS="5000 1000" TASKS= BOUND= PHASE=eval scripts/reproduce_mnist.sh      # Tables 2-3 only
+#
+# The evaluations: eval_<run> (the digit task, heads on each of BUDGETS for the representation models, the
+# all-label classifiers), eval_<run>_<b> (the classifiers trained on b labels), tasks_<run> (the other TASKS, heads
+# on all labels, representation models only), bound_vae_urkle (Proposition 1 at M = BOUND); then merged/ joins
+# the eval_* tables (one column per label budget).
 #
 # Every step resumes: a training with --resume if-exists, an evaluation is skipped when its results.json
 # exists. So an interrupted run is continued by running the same command again, and nothing is overwritten.
@@ -24,11 +30,11 @@ DATA_ROOT=${DATA_ROOT:-../shared/data}
 PHASE=${PHASE:-all}
 N_TEST=${N_TEST:-1000}          # class-balanced, seeded test subset for the attacks
 SQUARE=${SQUARE:-5000}          # AutoAttack's Square queries
-TASKS=${TASKS:-"digit parity gt4"}   # downstream tasks of the representation models (one head each)
-BUDGETS=${BUDGETS:-"all 5000 1000"}  # label budgets of their heads
+TASKS=${TASKS-"parity gt4"}    # the other downstream tasks of the representation models ("" = skip)
+BUDGETS=${BUDGETS:-"all 5000 1000"}  # label budgets of their digit heads
 BOUND=${BOUND-10}               # Proposition 1 at this M for VAE+Urkle ("" = skip)
-EVAL_RUNS=${EVAL_RUNS:-"vae_urkle ae_trades standard at trades"}
-BUDGET_RUNS=${BUDGET_RUNS:-"standard at trades"}  # classifiers trained on 5000 / 1000 labels ("" = skip)
+EVAL_RUNS=${EVAL_RUNS-"vae_urkle ae_trades standard at trades"}
+BUDGET_RUNS=${BUDGET_RUNS-"standard at trades"}  # classifiers trained on 5000 / 1000 labels ("" = skip)
 TRAIN_RUNS=${TRAIN_RUNS:-}      # train only these runs of RUNS below ("" = all of them)
 THREADS=${THREADS:-1}
 mkdir -p "$OUT" "$LOG_DIR"
@@ -51,6 +57,7 @@ RUNS=(
   "at_1000|at|--label-budget 1000 --epochs 60"
   "trades_1000|trades|--label-budget 1000 --epochs 60"
 )
+REPRESENTATION="vae_urkle ae_trades"
 declare -A NAME=([standard]=Standard [at]=AT [trades]=TRADES [ae_trades]="AE+TRADES" [vae_urkle]="VAE+Urkle")
 
 timed() {  # timed <phase> <run> <command...>
@@ -69,17 +76,32 @@ if [ "$PHASE" = all ] || [ "$PHASE" = train ]; then
 fi
 
 if [ "$PHASE" = all ] || [ "$PHASE" = eval ]; then
-  # the representation models and the all-label classifiers: heads per task and label budget (representation
-  # models), the full attack ensemble; Proposition 1 for VAE+Urkle (the Gaussian encoder)
+  # the representation models (digit heads on each label budget) and the all-label classifiers: the full attack
+  # ensemble
   for run in $EVAL_RUNS; do
     [ -f "$OUT/eval_$run/results.json" ] && continue
-    extra=()
-    [ "$run" = vae_urkle ] && [ -n "$BOUND" ] && extra=(--bound "$BOUND")
+    budgets=all
+    [[ " $REPRESENTATION " == *" $run "* ]] && budgets=$BUDGETS
     # shellcheck disable=SC2086
     timed eval "$run" "$PY" -m urkle_fast.eval --checkpoint "$OUT/$run/checkpoint.pt" --name "${NAME[$run]}" \
-      --dataset mnist --data-root "$DATA_ROOT" --eps 0.1 --label-budgets $BUDGETS --tasks $TASKS \
-      --n-test "$N_TEST" --square-queries "$SQUARE" "${extra[@]}" --out "$OUT/eval_$run"
+      --dataset mnist --data-root "$DATA_ROOT" --eps 0.1 --label-budgets $budgets --n-test "$N_TEST" \
+      --square-queries "$SQUARE" --out "$OUT/eval_$run"
   done
+  # one representation, other tasks (no adversarial training of any head): all labels
+  for run in $REPRESENTATION; do
+    [ -z "$TASKS" ] || [ -f "$OUT/tasks_$run/results.json" ] && continue
+    # shellcheck disable=SC2086
+    timed tasks "$run" "$PY" -m urkle_fast.eval --checkpoint "$OUT/$run/checkpoint.pt" --name "${NAME[$run]}" \
+      --dataset mnist --data-root "$DATA_ROOT" --eps 0.1 --tasks $TASKS --label-budgets all --n-test "$N_TEST" \
+      --square-queries "$SQUARE" --no-plots --out "$OUT/tasks_$run"
+  done
+  # Proposition 1 for the Gaussian encoder: heads trained on the bounded loss, PGD-50 and APGD-CE-50 on the bounded
+  # S = 64 prediction (the left-hand side), the Urkle attack with restarts for the KL term
+  if [ -n "$BOUND" ] && [ ! -f "$OUT/bound_vae_urkle/results.json" ]; then
+    timed bound vae_urkle "$PY" -m urkle_fast.eval --checkpoint "$OUT/vae_urkle/checkpoint.pt" --name "VAE+Urkle" \
+      --dataset mnist --data-root "$DATA_ROOT" --eps 0.05 0.1 0.2 --bound "$BOUND" --head-loss bounded \
+      --bound-samples 64 --apgd-steps 0 --square-queries 0 --n-test "$N_TEST" --no-plots --out "$OUT/bound_vae_urkle"
+  fi
   for b in 5000 1000; do  # the classifiers trained on a label budget: reported in their own column only
     for m in $BUDGET_RUNS; do
       run=${m}_$b

@@ -152,14 +152,15 @@ def _train_worker(rank, world, out_dir, micro_batch=None):
     torch.save({k: v.clone() for k, v in res["model"].state_dict().items()}, Path(out_dir) / f"weights{rank}.pt")
 
 
-@pytest.mark.parametrize("micro_batch", [None, 12], ids=["ddp", "micro-batched"])
+@pytest.mark.parametrize("micro_batch", [None, 12, "auto"], ids=["ddp", "micro-batched", "auto"])
 def test_ddp_keeps_every_rank_on_the_same_weights(tmp_path, micro_batch):
-    """DDP, or (with --micro-batch) the gradient cache plus one flat all-reduce of the gradients."""
+    """DDP, or (with --micro-batch) the gradient cache plus one flat all-reduce of the gradients; auto: every rank
+    probes, they agree on the smallest chunk (here the whole share fits) and DDP is built after the probes."""
     _spawn(_train_worker, 2, str(tmp_path), micro_batch)
     w0, w1 = torch.load(tmp_path / "weights0.pt"), torch.load(tmp_path / "weights1.pt")
     params = [k for k in w0 if "running" not in k and "num_batches" not in k]
     assert all(torch.equal(w0[k], w1[k]) for k in params)
-    if micro_batch:  # rank 0's batch-norm statistics are broadcast after every step, as DDP does
+    if micro_batch not in (None, "auto"):  # rank 0's batch-norm statistics are broadcast after every step
         assert all(torch.equal(w0[k], w1[k]) for k in w0)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng_ranks"]) == 2 and ckpt["step"] == 3

@@ -272,3 +272,23 @@ def test_is_out_of_memory():
                                                     "can't allocate memory: you tried to allocate 2470445056 bytes"))
     assert not microbatch.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not microbatch.is_out_of_memory(ValueError("can't allocate memory"))
+
+
+def test_estimate_micro_batch_reads_real_memory():
+    """The estimator against a step whose memory is known: each image touches 8 MiB, so the measured slope is
+    8 MiB per image, and the chunk it picks fills about 80% of the free memory (the batch asks for far more)."""
+    per_image = 8 * 2**20
+
+    def step(m):
+        x = torch.empty(m * per_image // 4, dtype=torch.float32)
+        x.fill_(1.0)  # touched: resident
+        del x
+
+    free = microbatch.memory_headroom()
+    batch = int(2 * free / per_image)
+    m, why = microbatch.estimate_micro_batch(step, batch)
+    slope = float(why.split("grows ")[1].split(" MB")[0])
+    assert slope == pytest.approx(8.0, rel=0.1), why
+    assert m is not None and 0.6 * free <= m * per_image <= 0.8 * free, why
+    m_small, why_small = microbatch.estimate_micro_batch(step, 64)
+    assert m_small is None and why_small.startswith("it fits"), why_small

@@ -419,3 +419,44 @@ def test_torchrun_eval_cli_matches_one_process(tmp_path):
     two = json.loads((tmp_path / "two" / "results.json").read_text())["models"]["simclr_urkle"]["budgets"]["all"]
     one = json.loads((tmp_path / "one" / "results.json").read_text())["models"]["simclr_urkle"]["budgets"]["all"]
     assert two["paths"]["mu"] == one["paths"]["mu"]
+
+
+def test_holdout_tests_on_training_images_the_model_never_saw(tmp_path):
+    """--holdout N: the heads train on the training split minus its last N images (subset_order) and the attacks run
+    on those N; a model trained on any of them is refused, naming the flag and the --train-subset that would do."""
+    from urkle_fast.train import TrainConfig, train
+
+    kw = dict(method="simclr_urkle", dataset="digits", epochs=1, max_steps=2, batch_size=64, pgd_steps=1,
+              progress=False, log_every=1000)
+    held_out = train(TrainConfig(out_dir=str(tmp_path / "sub"), train_subset=1000, **kw))["checkpoint"]
+    ecfg = dict(dataset="digits", eps=[0.1], attack_steps=2, apgd_steps=0, square_queries=0, head_epochs=2,
+                sweep_eps=[0.0], sweep_n_test=20, verbose=False, plots=False, samples=2, redraws=1, eot_iter=1)
+    res = evaluate_checkpoints({"u": held_out}, EvalConfig(out=str(tmp_path / "ev"), holdout=400, **ecfg))
+    assert res["settings"]["split"].startswith("holdout") and res["settings"]["n_train"] == 1037
+    assert res["settings"]["n_test"] == 400
+    everything = train(TrainConfig(out_dir=str(tmp_path / "all"), **kw))["checkpoint"]
+    with pytest.raises(ValueError, match=r"--holdout 400: u was trained on the first 1437 training images.*"
+                                         r"--train-subset 1037 or less"):
+        evaluate_checkpoints({"u": everything}, EvalConfig(out=str(tmp_path / "ev2"), holdout=400, **ecfg))
+    with pytest.raises(ValueError, match="--holdout must be an integer >= 1"):
+        evaluate_checkpoints({"u": held_out}, EvalConfig(out=str(tmp_path / "ev3"), holdout=0, **ecfg))
+
+
+def test_subset_order_spreads_imagefolder_subsets_over_classes(data_root):
+    """ImageFolder trees are stored class by class: --train-subset and --holdout read them in a fixed shuffle, so that
+    the first 1000 CIFAR-10 files cover every class (the first 1000 files on disk are all airplanes)."""
+    from urkle_fast.data import load_dataset
+    from urkle_fast.data.datasets import subset_order
+    from urkle_fast.train import TrainConfig, _train_dataset, resolve_config
+
+    root = data_root / "cifar10-jpeg"
+    if not root.is_dir():
+        pytest.skip("../shared/data/cifar10-jpeg is not here")
+    assert torch.equal(subset_order(50, by_class=False), torch.arange(50))
+    order = subset_order(50_000, by_class=True)
+    assert torch.equal(order, subset_order(50_000, by_class=True)) and torch.equal(order.sort().values,
+                                                                                  torch.arange(50_000))
+    ds = _train_dataset(resolve_config(TrainConfig(dataset="cifar10", data_root=str(root), train_subset=1000)))
+    labels = torch.tensor([ds.dataset.inner.targets[i] for i in ds.indices])
+    assert len(ds) == 1000 and torch.bincount(labels, minlength=10).min() >= 60
+    assert set(load_dataset("cifar10", str(root), "train").inner.targets[:1000]) == {0}

@@ -41,6 +41,7 @@ from .defaults import DATASETS, defaults_for, help_for
 from .checkpoint import write_atomic
 from .evaluation.attacks import attack_scores, wilson_interval
 from .evaluation.bound import proposition1_per_image, summarize_bound
+from .data.datasets import subset_order
 from .evaluation.datasets import Split, load_split
 from .evaluation.probe import (ProbabilisticClassifier, balanced_subset, encode_dataset, make_head, parse_budget,
                                train_head)
@@ -77,6 +78,9 @@ class EvalConfig:
     heads: Optional[str] = opt(None, "folder of saved heads (an earlier run's <out>/heads): reuse those that match "
                                "instead of training them")
     n_test: Optional[int] = opt(None, "class-balanced seeded test subset; None: the whole test set")
+    holdout: Optional[int] = opt(None, "test on the last N images of the TRAINING split instead of the test split (the "
+                                 "heads train on the images before them), to choose hyper-parameters without the test "
+                                 "set; every model must have been trained with --train-subset <= train size - N")
     sweep_eps: Optional[list[float]] = opt(None, "epsilons of the accuracy-vs-eps plot; None: per dataset "
                                            "(urkle_fast.defaults)")
     sweep_n_test: Optional[int] = opt(500, "test images in the sweep")
@@ -153,7 +157,7 @@ def validate(cfg: EvalConfig) -> None:
         if not (isinstance(e, (int, float)) and math.isfinite(e) and 0 <= e <= 1):
             raise ValueError(f"--sweep-eps must be in [0, 1], got {e!r}")
     for name in ("samples", "pgd_restarts", "eot_iter", "redraws", "batch_size", "n_test", "sweep_n_test",
-                 "head_epochs"):
+                 "head_epochs", "holdout"):
         v = getattr(cfg, name)
         if v is not None and not (isinstance(v, int) and v >= 1):
             raise ValueError(f"{_flag(name)} must be an integer >= 1, got {v!r}")
@@ -210,12 +214,32 @@ def _resolve(cfg: EvalConfig) -> EvalConfig:
                    label_budgets=[parse_budget(b) for b in cfg.label_budgets])
 
 
+def _holdout(train: Split, n: int, models: dict) -> tuple[Split, Split]:
+    """(the training split without its last n images, those n) in subset_order, the order of the trainer's
+    --train-subset; refused when a model was trained on any of those n images."""
+    keep = len(train.y) - n
+    if keep < 1:
+        raise ValueError(f"--holdout {n}: the training split has only {len(train.y)} images")
+    for name, (_, c) in models.items():
+        seen = c.get("train_subset") or len(train.y)
+        if c.get("label_budget") or seen > keep:
+            trained_on = ("a label subset of the whole training split" if c.get("label_budget")
+                          else f"the first {seen} training images")
+            raise ValueError(f"--holdout {n}: {name} was trained on {trained_on}, which include held-out ones (the "
+                             f"last {n} of {len(train.y)}); train it with --train-subset {keep} or less")
+    order = subset_order(len(train.y), by_class=train.x is None)
+    return train.subset(order[:keep]), train.subset(order[keep:])
+
+
 def _prepare(models: dict, cfg: EvalConfig, splits: Optional[tuple]) -> _Job:
     ctx = udist.context(cfg.device or "auto")
     # ImageFolder trees are read at the models' training size (the first model's; ResNets take any size)
     size = next((c.get("image_size") for _, c in models.values() if c.get("image_size")), None)
     train, test = splits if splits is not None else (load_split(cfg.dataset, "train", cfg.data_root, image_size=size),
+                                                    None if cfg.holdout else
                                                     load_split(cfg.dataset, "test", cfg.data_root, image_size=size))
+    if cfg.holdout:
+        train, test = _holdout(train, cfg.holdout, models)
     if cfg.n_test is not None and cfg.n_test < len(test.y):
         idx = balanced_subset(test.y, cfg.n_test, seed=cfg.seed)
         x_test, y_test = test.images(idx), test.y[idx]
@@ -238,7 +262,8 @@ def _settings(job: _Job) -> dict:
                 apgd_steps=c.apgd_steps, apgd_targets=c.apgd_targets, square_queries=c.square_queries,
                 transfer=c.transfer, redraws=c.redraws, tasks=c.tasks, pgd_restarts=c.pgd_restarts,
                 n_test=len(job.y_test), sweep_n_test=len(job.y_sw), head=c.head, head_epochs=c.head_epochs,
-                head_lr=c.head_lr, bounded_M=c.bounded_M, seed=c.seed, device=str(job.device), n_train=len(job.train.y))
+                head_lr=c.head_lr, bounded_M=c.bounded_M, seed=c.seed, device=str(job.device), n_train=len(job.train.y),
+                split=f"holdout (the last {c.holdout} training images)" if c.holdout else "test")
 
 
 def _scores(job: _Job, clf: ProbabilisticClassifier, x, y, attack: Optional[str] = None, eps: float = 0.0,

@@ -43,7 +43,7 @@ from urkle_fast.checkpoint import (CheckpointError, checkpoint_bytes, load_check
 from urkle_fast.cli import config_from, flag as _flag, given_fields, opt, parser_for
 from urkle_fast.data import INFO, BadImageError, DataRootError, InMemoryDataset, LazyViews, load_dataset, num_classes_of
 from urkle_fast.data.loader import forever, make_train_loader, resolve_loader
-from urkle_fast.data.datasets import balanced_subset
+from urkle_fast.data.datasets import balanced_subset, subset_order
 from urkle_fast.defaults import DATASETS, defaults_for, help_for
 from urkle_fast.methods import METHODS, LossParams, Method, get_method
 from urkle_fast.microbatch import StepSnapshot, estimate_micro_batch, is_out_of_memory, micro_batched_step
@@ -114,7 +114,8 @@ class TrainConfig:
                                "rows only), in the loss and RoCL's attack; eager, one process")
     augment: Optional[str] = opt(None, "augmentation preset; None: the method's (simclr / digits for contrastive "
                                  "methods, light / none otherwise)", choices=["simclr", "digits", "light", "none"])
-    train_subset: Optional[int] = opt(None, "use the first N training images")
+    train_subset: Optional[int] = opt(None, "train on N images: the first N (ImageFolder trees, stored class by "
+                                      "class: the first N of a fixed shuffle; urkle_fast.data.datasets.subset_order)")
     label_budget: Optional[int] = opt(None, "supervised methods: train on a class-balanced seeded subset of N labelled "
                                       "images (the paper's 5000 / 1000 columns; the same subset as eval's heads with "
                                       "its default --seed 0)")
@@ -449,9 +450,9 @@ def _train_dataset(cfg: TrainConfig):
     if cfg.train_subset:
         if isinstance(ds, InMemoryDataset):
             ds = InMemoryDataset(ds.images[: cfg.train_subset], ds.labels[: cfg.train_subset], ds.classes)
-        else:
+        else:  # an ImageFolder tree is stored class by class: its first N files would be a few classes
             classes = ds.classes
-            ds = torch.utils.data.Subset(ds, range(min(cfg.train_subset, len(ds))))
+            ds = torch.utils.data.Subset(ds, subset_order(len(ds), by_class=True)[: cfg.train_subset].tolist())
             ds.classes = classes
     if cfg.label_budget:  # seed 0, as eval's heads: a model of the 1000-label column saw those 1000 images only
         idx = balanced_subset(_labels_of(ds), cfg.label_budget, seed=0)

@@ -308,6 +308,16 @@ def epoch_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int, start_
             shutdown()
 
 
+def subset_order(n: int, *, by_class: bool) -> torch.Tensor:
+    """The order in which ``--train-subset N`` (its first N) and eval's ``--holdout N`` (its last N) read a training
+    split of n images: as stored for the in-memory datasets (digits, MNIST and the CIFAR pickles are stored in a
+    random order), a fixed seeded permutation for ImageFolder trees (``by_class``: stored class by class, so that
+    their first N files would be a few classes only)."""
+    if not by_class:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(20220401))
+
+
 def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
     n = len(ds) // batch_size
     if n == 0:

@@ -34,11 +34,11 @@ class Split:
         rows = range(len(self.y)) if idx is None else idx.tolist()
         return torch.stack([self.dataset[i][0] for i in rows]) if len(rows) else torch.empty(0, dtype=torch.uint8)
 
-    def subset(self, rows: slice) -> "Split":
-        """Rows ``rows`` (a contiguous slice) as a Split of the same kind."""
+    def subset(self, rows) -> "Split":
+        """Rows ``rows`` (a slice or an index tensor) as a Split of the same kind."""
         if self.x is not None:
             return Split(self.x[rows], self.y[rows], self.num_classes)
-        r = range(len(self.y))[rows]
+        r = range(len(self.y))[rows] if isinstance(rows, slice) else rows.tolist()
         return Split(None, self.y[rows], self.num_classes, dataset=Subset(self.dataset, r))
 
     def batches(self, batch_size: int, num_workers: int = 0) -> Iterator[torch.Tensor]:

@@ -115,6 +115,30 @@ def test_all_gather_with_grad_sums_every_ranks_gradient(tmp_path):
         assert torch.equal(res["g"], 3 * res["w"][2 * r:2 * r + 2])
 
 
+def _nan_on_one_rank(rank, world, out_dir):
+    from urkle_fast.ops._checks import NonFiniteInputError
+
+    z = torch.randn(4, 3, 8)
+    if rank == 1:
+        z[2, 1, 5] = float("nan")
+    t0 = time.time()
+    try:
+        nt_xent(z, views=4, gather_distributed=True)
+        outcome = "returned"
+    except NonFiniteInputError as exc:
+        outcome = str(exc)
+    (Path(out_dir) / f"rank{rank}.txt").write_text(f"{time.time() - t0:.3f}\n{outcome}")
+
+
+def test_a_non_finite_rank_stops_every_rank_at_once(tmp_path):
+    """NaN in one rank's projections: every rank raises NonFiniteInputError naming that rank, at once. Raising on
+    that rank alone would leave the others in the all-gather until the process group's timeout."""
+    _spawn(_nan_on_one_rank, 2, str(tmp_path))
+    for r in (0, 1):
+        seconds, msg = (tmp_path / f"rank{r}.txt").read_text().split("\n", 1)
+        assert "z must be finite, got NaN or inf on rank(s) [1] of 2" in msg and float(seconds) < 5
+
+
 def test_single_process_falls_back_to_the_local_op():
     z = torch.randn(4, 6, 8)
     assert torch.equal(nt_xent_global(z, views=4), nt_xent(z, views=4))

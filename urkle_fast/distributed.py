@@ -203,6 +203,17 @@ def all_reduce_min(value: int) -> int:
     return int(t[0])
 
 
+def ranks_flagging(flag: bool) -> list[int]:
+    """The ranks whose ``flag`` is true, on every rank ([0] or [] when not distributed). A check that must stop
+    every rank together (not one rank raising while the others wait in the next collective) goes through this."""
+    if not is_distributed():
+        return [0] if flag else []
+    t = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=_comm_device())
+    t[dist.get_rank()] = int(bool(flag))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [r for r, v in enumerate(t.tolist()) if v]
+
+
 def loss_and_stop(loss: Tensor, signalled: bool) -> tuple[float, bool]:
     """The training loop's one collective per step: (the mean loss over ranks, whether ANY rank was
     signalled), so that every rank stops at the same step."""

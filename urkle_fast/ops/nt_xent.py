@@ -13,7 +13,8 @@ from torch import Tensor
 
 from urkle_fast import _backend
 from urkle_fast import distributed as udist
-from urkle_fast.ops._checks import check_choice, check_finite, check_number, check_tensor
+from urkle_fast.ops._checks import (NonFiniteInputError, check_choice, check_finite, check_finite_enabled,
+                                    check_number, check_tensor)
 
 DENOMINATORS = {"all": 0, "negatives": 1}
 _FN = "nt_xent"
@@ -188,9 +189,16 @@ def nt_xent(z: Tensor, *, views: int, temperature: float = 0.5, denominator: str
         float32 scalar ``1/(N (V-1)) * sum_i sum_{p in P(i)} [log D_i - s_ip]``.
     """
     N, b, d = check_nt_xent_args(_FN, z, views, temperature, denominator)
-    check_finite(_FN, {"z": z})
     if gather_distributed and udist.is_distributed():
+        # every rank learns of a non-finite rank and raises with it: a rank raising alone would leave the others
+        # waiting in the all-gather until the process group's timeout
+        if check_finite_enabled(z.device):
+            bad = udist.ranks_flagging(not bool(torch.isfinite(z).all()))
+            if bad:
+                raise NonFiniteInputError(f"{_FN}: z must be finite, got NaN or inf on rank(s) {bad} of "
+                                          f"{udist.world_size()}")
         return _nt_xent_global(z, views, float(temperature), DENOMINATORS[denominator], N, b, d)
+    check_finite(_FN, {"z": z})
     z2 = z.reshape(N, d)
     loss_rows, _ = torch.ops.urkle_fast.nt_xent_fwd(z2, z2, views, float(temperature),
                                                     DENOMINATORS[denominator], 0)

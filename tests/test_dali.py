@@ -341,3 +341,29 @@ def test_missing_dali_raises_import_error_with_hint(monkeypatch, small_root):
     assert not ok and "pip install nvidia-dali-cuda130" in why
     with pytest.raises(ImportError, match=r"NVIDIA DALI.*pip install nvidia-dali-cuda130.*urkle_fast\[dali\]"):
         DaliMultiView(small_root, 8)
+
+
+def test_a_corrupt_jpeg_is_named(small_root, tmp_path):
+    """DALI's decoder error names only its operator: the loader finds the file (PIL) and names it, as a BadImageError
+    (the trainer's exit 2 with the message)."""
+    from urkle_fast.data.datasets import BadImageError
+
+    root = tmp_path / "tree"
+    for c in sorted(p for p in small_root.iterdir() if p.is_dir()):
+        (root / c.name).mkdir(parents=True)
+        for f in sorted(c.iterdir()):
+            (root / c.name / f.name).write_bytes(f.read_bytes())
+    victim = sorted((root / "c9").iterdir())[3]
+    victim.write_bytes(victim.read_bytes()[:300])  # a truncated JPEG
+    import re
+
+    with pytest.raises(BadImageError, match=rf"DALI could not decode an image under .*unreadable: {re.escape(str(victim))}"
+                                            rf"\. Remove or replace it, or train with --loader torch --skip-bad-images"):
+        for _ in DaliMultiView(str(root), 8, views=2, size=16, preset="simclr", device=torch.device("cpu"), seed=0,
+                               num_threads=1):
+            pass
+    # a tree too large to scan: the message says how to find the file instead
+    loader = DaliMultiView(str(small_root), 8, views=2, size=16, preset="simclr", device=torch.device("cpu"), seed=0,
+                           num_threads=1)
+    err = loader._unreadable(RuntimeError("Error in CPU operator `nvidia.dali.fn.decoders.image`"), scan_limit=10)
+    assert isinstance(err, BadImageError) and "41 files, too many to scan here: train with --loader torch" in str(err)

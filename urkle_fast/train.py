@@ -858,9 +858,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {msg}" if udist.rank() == 0 else f"error (rank {udist.rank()}): {msg}", file=sys.stderr)
         return {NonFiniteLossError: 3, StepOutOfMemoryError: 4}.get(type(exc), 2)
     except StoppedNow as exc:
-        out = Path(cfg.out_dir if cfg is not None else "runs/demo") / "checkpoint.pt"
-        print(f"\nreceived {exc} again: stopped inside the step; the last checkpoint is "
-              f"{out if out.exists() else 'none (no step was saved yet)'}", file=sys.stderr)
+        out = Path(cfg.out_dir) / "checkpoint.pt" if cfg is not None else None  # None: the demo's two runs
+        last = ("the run's last checkpoint stays as it was" if out is None else
+                f"the last checkpoint is {out}" if out.exists() else "no checkpoint was saved yet")
+        print(f"\nreceived {exc} again: stopped inside the step; {last}", file=sys.stderr)
         return 128 + int(getattr(signal, str(exc)))
     finally:
         udist.shutdown()

@@ -73,6 +73,7 @@ untested until it has run on a GPU.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
 import json
@@ -259,6 +260,9 @@ def _scan_root(root) -> Tuple[Path, list, int]:
     return path.resolve(), classes, total
 
 
+SCAN_LIMIT = 50_000  # files decoded with PIL to name an image DALI could not decode (Tiny ImageNet: 100 k takes ~1 min)
+
+
 class DaliMultiView:
     """DALI multi-view loader: ``for crops, labels in loader`` is one epoch of full batches.
 
@@ -334,7 +338,8 @@ class DaliMultiView:
                 raise ValueError(f"checkpoint: position {pos!r} is not in [0, {self._len}]")
             self._pos = pos
         self._outputs = [f"view{i}" for i in range(self.views)] + ["label"]
-        self._it = dali_torch.DALIGenericIterator([self._pipe], self._outputs, size=-1, auto_reset=False)
+        with self._naming_unreadable_files():  # the iterator decodes its first batches now
+            self._it = dali_torch.DALIGenericIterator([self._pipe], self._outputs, size=-1, auto_reset=False)
 
     # -- iteration -------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -348,11 +353,48 @@ class DaliMultiView:
                 next(self._it)
             self._pos = 0
         while self._pos < self._len:
-            out = next(self._it)[0]
+            with self._naming_unreadable_files():
+                out = next(self._it)[0]
             self._pos += 1
             crops = torch.stack([out[k] for k in self._outputs[:-1]])
             labels = out["label"].reshape(-1).to(device=self.device, dtype=torch.int64, non_blocking=True)
             yield crops, labels
+
+    @contextlib.contextmanager
+    def _naming_unreadable_files(self) -> Iterator[None]:
+        try:
+            yield
+        except RuntimeError as exc:  # DALI names its operator, not the file
+            if "decoders.image" not in str(exc):
+                raise
+            raise self._unreadable(exc) from None
+
+    def _unreadable(self, exc: RuntimeError, scan_limit: int = SCAN_LIMIT):
+        """The BadImageError of a failed DALI decode, naming the file(s): DALI's error names only its operator, so
+        the tree is decoded again with PIL to find them (trees up to ``scan_limit`` files; ImageNet's 1.28 M would
+        take hours, so there the message says how to find it instead)."""
+        from PIL import Image
+
+        from .datasets import BadImageError
+
+        why = next((ln.strip() for ln in reversed(str(exc).splitlines()) if "failure" in ln or "rror" in ln), "")
+        files = sorted(p for c in self.classes for p in (self.root / c).iterdir()
+                       if p.name.lower().endswith(IMG_EXTENSIONS))
+        if len(files) > scan_limit:
+            return BadImageError(f"DALI could not decode an image under {str(self.root)!r} ({why}); the tree has "
+                                 f"{len(files)} files, too many to scan here: train with --loader torch, which names "
+                                 f"the file (and --skip-bad-images trains past it)")
+        bad = []
+        for path in files:
+            try:
+                with Image.open(path) as im:
+                    im.load()
+            except Exception:  # noqa: BLE001 - any decoding failure is what we are looking for
+                bad.append(str(path))
+        named = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") if bad else \
+            "none that PIL cannot read either"
+        return BadImageError(f"DALI could not decode an image under {str(self.root)!r} ({why}); unreadable: {named}. "
+                             f"Remove or replace it, or train with --loader torch --skip-bad-images")
 
     @property
     def num_classes(self) -> int:

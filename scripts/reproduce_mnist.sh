@@ -58,6 +58,7 @@ RUNS=(
   "trades_1000|trades|--label-budget 1000 --epochs 60"
 )
 REPRESENTATION="vae_urkle ae_trades"
+TASK_RUNS=${TASK_RUNS-$REPRESENTATION}  # the representation models evaluated on the other TASKS
 declare -A NAME=([standard]=Standard [at]=AT [trades]=TRADES [ae_trades]="AE+TRADES" [vae_urkle]="VAE+Urkle")
 
 timed() {  # timed <phase> <run> <command...>
@@ -88,7 +89,7 @@ if [ "$PHASE" = all ] || [ "$PHASE" = eval ]; then
       --square-queries "$SQUARE" --out "$OUT/eval_$run"
   done
   # one representation, other tasks (no adversarial training of any head): all labels
-  for run in $REPRESENTATION; do
+  for run in $TASK_RUNS; do
     [ -z "$TASKS" ] || [ -f "$OUT/tasks_$run/results.json" ] && continue
     # shellcheck disable=SC2086
     timed tasks "$run" "$PY" -m urkle_fast.eval --checkpoint "$OUT/$run/checkpoint.pt" --name "${NAME[$run]}" \

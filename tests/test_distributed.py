@@ -174,6 +174,7 @@ def _train_worker(rank, world, out_dir, micro_batch=None):
                       micro_batch=micro_batch)
     res = train(cfg)
     torch.save({k: v.clone() for k, v in res["model"].state_dict().items()}, Path(out_dir) / f"weights{rank}.pt")
+    (Path(out_dir) / f"micro{rank}.txt").write_text(repr(res["micro"]))
 
 
 @pytest.mark.parametrize("micro_batch", [None, 12, "auto"], ids=["ddp", "micro-batched", "auto"])
@@ -184,6 +185,12 @@ def test_ddp_keeps_every_rank_on_the_same_weights(tmp_path, micro_batch):
     w0, w1 = torch.load(tmp_path / "weights0.pt"), torch.load(tmp_path / "weights1.pt")
     params = [k for k in w0 if "running" not in k and "num_batches" not in k]
     assert all(torch.equal(w0[k], w1[k]) for k in params)
+    chosen = {(tmp_path / f"micro{r}.txt").read_text() for r in (0, 1)}
+    assert chosen == {"None" if micro_batch in (None, "auto") else "12"}  # auto: both ranks found the share fits
+    if micro_batch == "auto":  # the whole share in one pass: exactly the DDP run (the probes left no trace)
+        _spawn(_train_worker, 2, str(tmp_path / "ddp"), None)
+        ddp = torch.load(tmp_path / "ddp" / "weights0.pt")
+        assert all(torch.equal(ddp[k], w0[k]) for k in w0)
     if micro_batch not in (None, "auto"):  # rank 0's batch-norm statistics are broadcast after every step
         assert all(torch.equal(w0[k], w1[k]) for k in w0)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)

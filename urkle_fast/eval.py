@@ -222,6 +222,10 @@ def _holdout(train: Split, n: int, models: dict) -> tuple[Split, Split]:
         raise ValueError(f"--holdout {n}: the training split has only {len(train.y)} images")
     for name, (_, c) in models.items():
         seen = c.get("train_subset") or len(train.y)
+        if train.x is None and c.get("train_subset") and c.get("subset_order", "first") == "first":
+            raise ValueError(f"--holdout {n}: {name} was trained on the first {seen} files of the tree (a run from before "
+                             f"--train-subset shuffled ImageFolder trees); its held-out images cannot be told apart "
+                             f"from them: train it again")
         if c.get("label_budget") or seen > keep:
             trained_on = ("a label subset of the whole training split" if c.get("label_budget")
                           else f"the first {seen} training images")
@@ -377,7 +381,9 @@ def _head(job: _Job, name: str, task, budget, idx, feats, model_id: str) -> nn.M
     c = job.cfg
     h = None
     recipe = dict(model=model_id, kind=c.head, num_classes=task.num_classes, n_labels=len(idx), seed=c.seed,
-                  epochs=c.head_epochs, lr=c.head_lr, loss=c.head_loss, M=c.bound if c.head_loss == "bounded" else None)
+                  epochs=c.head_epochs, lr=c.head_lr, loss=c.head_loss, M=c.bound if c.head_loss == "bounded" else None,
+                  # the labelled images themselves: a head of the whole training split is not one of --holdout's
+                  n_train=len(job.train.y), holdout=c.holdout)
     if c.heads and os.path.isfile(_head_file(c.heads, name, task.name, budget)):
         saved = torch.load(_head_file(c.heads, name, task.name, budget), map_location="cpu", weights_only=True)
         if saved.get("recipe") == recipe:

@@ -267,7 +267,8 @@ class PeakResident:
 
 
 def estimate_micro_batch(run_step: Callable[[int], None], batch: int, *, stored_per_image: int = 0,
-                         fraction: float = 0.8, probes: tuple[int, int] = (8, 16)) -> tuple[Optional[int], str]:
+                         fraction: float = 0.8, probes: tuple[int, int] = (8, 16),
+                         share: int = 1) -> tuple[Optional[int], str]:
     """On the CPU: (the largest chunk whose step fits in ``fraction`` of the free memory, or None for the whole
     batch; why). On CUDA the trainer tries the whole batch instead: there an allocation that does not fit is
     always an error (torch.OutOfMemoryError), and probes of other sizes would each cost a torch.compile.
@@ -275,8 +276,12 @@ def estimate_micro_batch(run_step: Callable[[int], None], batch: int, *, stored_
     ``run_step(m)``: one step on the batch's first m images, leaving no state behind. A warm-up probe (one-time
     allocations), then two measured probes (m1 < m2 images) give the peak resident memory as a line in m:
     peak(m) = peak(m1) + slope (m - m1). ``stored_per_image``: bytes held per image of the WHOLE batch whatever
-    the chunk (the gradient cache keeps every chunk's attacked views until its backward pass)."""
+    the chunk (the gradient cache keeps every chunk's attacked views until its backward pass). ``share``: the
+    processes on this machine, which split its free memory (torchrun's LOCAL_WORLD_SIZE). MemoryError when not even
+    one image per chunk is predicted to fit."""
     meter, headroom = PeakResident(), memory_headroom()
+    if headroom is not None:
+        headroom //= max(1, share)
     if not meter.available or headroom is None:
         return None, "no memory meter here (not Linux): trying the whole batch, halved on out-of-memory"
     m1, m2 = min(probes[0], batch), min(probes[1], batch)
@@ -297,12 +302,14 @@ def estimate_micro_batch(run_step: Callable[[int], None], batch: int, *, stored_
 
     gb = lambda b: f"{b / 2**30:.2f} GB"  # noqa: E731
     how = (f"a step's peak memory grows {slope / 2**20:.1f} MB per image of a chunk (measured at {m1} and {m2} "
-           f"images), {gb(headroom)} free")
+           f"images), {gb(headroom)} free" + (f" for each of {share} processes" if share > 1 else ""))
     if predicted(batch) <= budget:
         return None, f"it fits: {how}, about {gb(predicted(batch) + batch * stored_per_image - base)} for the batch"
     m = int((budget - peaks[0]) / slope) + m1
     if m < 1:
-        m = 1
-    elif m >= 16:
+        raise MemoryError(f"--micro-batch auto: even one image per chunk is predicted not to fit ({how}"
+                          + (f"; the attacked views of the whole batch alone take {gb(batch * stored_per_image)}"
+                             if stored_per_image else "") + ")")
+    if m >= 16:
         m -= m % 16  # a round size: cuDNN and the CPU kernels like multiples of 16
     return min(m, batch - 1), f"{how}; about {gb(predicted(m) + batch * stored_per_image - base)} at this size"

@@ -29,6 +29,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -163,6 +164,8 @@ class TrainConfig:
     classifier: Optional[str] = opt(None, cli=False)  # a supervised model's last layers: the dataset's head kind
     decoder_output: Optional[str] = opt(None, cli=False)  # sigmoid (VAE, Bernoulli) or linear (AE, squared error)
     objective_version: Optional[int] = opt(None, cli=False)  # OBJECTIVE_VERSION at the run's start
+    subset_order: Optional[str] = opt(None, cli=False)  # --train-subset of an ImageFolder tree: "shuffled" (subset_order)
+    # or "first" (runs before it: the first N files, a few classes)
     pixel_mean: Optional[list] = opt(None, cli=False)
     pixel_std: Optional[list] = opt(None, cli=False)
 
@@ -177,7 +180,7 @@ RUNTIME_FIELDS = ("out_dir", "resume", "overwrite", "progress", "num_workers", "
 # with --resume must agree with the checkpoint, or the resume is refused with the flags named.
 APPLIED_ON_RESUME = ("data_root", "loader", "micro_batch", "skip_bad_images", "base_lr")
 FILLED_FIELDS = ("family", "in_channels", "num_classes", "pixel_mean", "pixel_std", "classifier", "decoder_output",
-                 "objective_version")
+                 "objective_version", "subset_order")
 # Version 2 (issue 10): SimCLR and RoCL deterministic, RoCL's official loss and step, TRADES in two passes, AE+TRADES
 # with the squared error, the ramp off for the baselines. A run of these methods started under version 1 computes
 # another objective: resuming it under version 2 would mix the two, so it is refused.
@@ -192,6 +195,9 @@ class StepOutOfMemoryError(RuntimeError):
 class NonFiniteLossError(RuntimeError):
     """The loss, an op's input or the parameters became NaN / inf; the run stopped and the last good
     checkpoint is left as it was."""
+
+
+SECOND_SIGNAL_AFTER_S = 2.0  # a second SIGTERM / SIGINT this long after the first stops inside the step
 
 
 class StoppedNow(BaseException):
@@ -269,6 +275,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     c.classifier = c.classifier or (table.head if c.family == "supervised" else None)
     c.decoder_output = c.decoder_output or {"vae": "sigmoid", "ae": "linear"}.get(c.family)
     c.objective_version = c.objective_version or OBJECTIVE_VERSION
+    c.subset_order = c.subset_order or "shuffled"
     c.arch = c.arch or table.arch
     c.epochs = table.epochs if c.epochs is None else c.epochs
     c.batch_size = table.batch if c.batch_size is None else c.batch_size
@@ -429,6 +436,7 @@ def _fill_older(saved: dict) -> None:
         saved.setdefault("classifier", "linear")
     saved.setdefault("beta_warmup_epochs", saved.get("warmup_epochs"))
     saved.setdefault("objective_version", 1)
+    saved.setdefault("subset_order", "first")  # --train-subset read an ImageFolder tree's first N files then
 
 
 def _labels_of(ds) -> torch.Tensor:
@@ -452,7 +460,8 @@ def _train_dataset(cfg: TrainConfig):
             ds = InMemoryDataset(ds.images[: cfg.train_subset], ds.labels[: cfg.train_subset], ds.classes)
         else:  # an ImageFolder tree is stored class by class: its first N files would be a few classes
             classes = ds.classes
-            ds = torch.utils.data.Subset(ds, subset_order(len(ds), by_class=True)[: cfg.train_subset].tolist())
+            order = subset_order(len(ds), by_class=cfg.subset_order != "first")  # "first": a run resumed as it began
+            ds = torch.utils.data.Subset(ds, order[: cfg.train_subset].tolist())
             ds.classes = classes
     if cfg.label_budget:  # seed 0, as eval's heads: a model of the 1000-label column saw those 1000 images only
         idx = balanced_subset(_labels_of(ds), cfg.label_budget, seed=0)
@@ -528,6 +537,9 @@ def setup(cfg: TrainConfig) -> Run:
     local_batch = cfg.batch_size // world
     # None: the whole share in one pass; "auto": decided at the first step (fit_micro_batch)
     micro = cfg.micro_batch if cfg.micro_batch == "auto" or (cfg.micro_batch or local_batch) < local_batch else None
+    if micro == "auto" and resume is not None and resume.get("world_size") == world and \
+            resume.get("micro_chosen", "auto") != "auto":  # the chunks the run chose: batch norm sees the same ones
+        micro = resume["micro_chosen"] if (resume["micro_chosen"] or local_batch) < local_batch else None
     step_module: nn.Module = MethodStep(model, method)
     if micro and world > 1:
         # chunks call the model several times per step, which DDP's reducer does not allow: the
@@ -551,7 +563,7 @@ def setup(cfg: TrainConfig) -> Run:
                  tensorboard=cfg.tensorboard, resumed=resume is not None)
     return Run(cfg, ctx, method, model, step_module, optimizer, scheduler, loader, log, spe, end_step, step,
                amp=on_cuda if cfg.amp is None else cfg.amp, channels_last=channels_last, micro=micro,
-               auto_micro=micro == "auto", saved_step=step)
+               auto_micro=cfg.micro_batch == "auto", saved_step=step)
 
 
 def _restore(state: dict, model, optimizer, scheduler, ctx: udist.DistContext, cfg: TrainConfig) -> None:
@@ -593,6 +605,7 @@ def save(run: Run, loss: Optional[float], *, deferred: bool = False) -> Path:
             "scheduler": run.scheduler.state_dict(), "step": run.step, "epoch": run.step // run.spe,
             "rng": rng_ranks[0], "rng_ranks": rng_ranks, "loader_ranks": loader_ranks, "world_size": run.ctx.world_size,
             "loss": loss, "torch_version": str(torch.__version__),
+            "micro_chosen": run.micro,  # --micro-batch auto's choice (None: the whole batch; "auto": not made yet)
         })
         if deferred:
             run.pending = (run.step, snapshot)
@@ -620,36 +633,35 @@ def forward_backward(run: Run, crops, labels: torch.Tensor, hp: LossParams, beta
     """The method's loss on this rank's batch and, in every p.grad, the gradient of the GLOBAL batch's
     loss: DDP's all-reduce, or chunk by chunk (urkle_fast.microbatch) then one flat all-reduce. ``crops``: a
     tensor or LazyViews (augmented chunk by chunk). With --micro-batch auto the chunk size is decided at the first
-    step, and a step that runs out of memory in one process is retried with half the chunk."""
-    if run.micro == "auto":
-        _fit_micro_batch(run, crops, labels, hp, beta)
+    step (kept in the checkpoint), and a step that runs out of memory in one process is retried with half the chunk."""
     while True:
         snapshot = StepSnapshot(run.model, run.ctx.device) if run.auto_micro and run.ctx.world_size == 1 else None
         try:
+            if run.micro == "auto":
+                _fit_micro_batch(run, crops, labels, hp, beta)
             return _forward_backward(run, crops, labels, hp, beta)
         except NonFiniteInputError as exc:
             raise NonFiniteLossError(
                 f"non-finite values inside step {run.step} of {run.cfg.method} ({exc}): the model diverged. The last "
                 f"good checkpoint is left as it was: {run.ckpt_path if run.ckpt_path.exists() else 'none was written yet'}"
                 f". Resume it with a lower --base-lr, or lower --beta-robust / raise --sigma-min") from exc
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not is_out_of_memory(exc):
+        except (torch.OutOfMemoryError, RuntimeError, MemoryError) as exc:
+            if not (is_out_of_memory(exc) or isinstance(exc, MemoryError)):
                 raise
-            n = run.micro or crops.shape[1]
-            if snapshot is None or n <= 1:
+            n = run.micro if isinstance(run.micro, int) else crops.shape[1]
+            if snapshot is None or n <= 1 or run.micro == "auto" or isinstance(exc, MemoryError):
                 why = ("pass --micro-batch M with M < {n} (the gradient stays that of the whole batch), or start more "
-                       "processes (torchrun --nproc-per-node)" if snapshot is None and not run.auto_micro else
+                       "processes (torchrun --nproc-per-node)" if not run.auto_micro else
                        "under torchrun the processes cannot retry one step together: pass --micro-batch M with M < {n}"
-                       if snapshot is None else "even one image per chunk does not fit: start more processes, or "
+                       if snapshot is None else "even the smallest chunk does not fit: start more processes, or "
                        "lower --image-size / --pgd-steps").format(n=n)
                 raise StepOutOfMemoryError(
                     f"out of memory in the step at {n} images x {run.method.forward_rows} encoder rows each per process "
                     f"({run.cfg.arch}, {run.cfg.image_size} px): {why}. {str(exc).splitlines()[0]}") from exc
-            del exc  # its traceback holds the failed try's tensors
-            snapshot.restore()
-            run.micro = n // 2
-            _say(run, f"--micro-batch auto: out of memory at {n} images per chunk; step {run.step} again with "
-                      f"{run.micro}")
+        # here, outside the handler, the failed try's frames (activations, views) are released
+        snapshot.restore()
+        run.micro = n // 2
+        _say(run, f"--micro-batch auto: out of memory at {n} images per chunk; step {run.step} again with {run.micro}")
 
 
 def _forward_backward(run: Run, crops, labels: torch.Tensor, hp: LossParams, beta: float):
@@ -674,21 +686,34 @@ def _forward_backward(run: Run, crops, labels: torch.Tensor, hp: LossParams, bet
 
 def _fit_micro_batch(run: Run, crops, labels: torch.Tensor, hp: LossParams, beta: float) -> None:
     """--micro-batch auto, before the first step: on the CPU the largest chunk that fits, estimated from small probe
-    steps (urkle_fast.microbatch.estimate_micro_batch; the ranks take the smallest); on CUDA the whole batch first
-    (an allocation that does not fit raises there). Then the run keeps it, halving only on out-of-memory."""
+    steps (urkle_fast.microbatch.estimate_micro_batch; the local processes share the machine's free memory and the
+    ranks take the smallest chunk); on CUDA the whole batch first (an allocation that does not fit raises there).
+    Then the run keeps it (saved in its checkpoints), halving only on out-of-memory. Raises MemoryError when even
+    one image per chunk is predicted not to fit."""
     local = crops.shape[1]
-    run.micro, why = None, "CUDA: the whole batch first, halved on out-of-memory"
+    run.micro, why = None, ("CUDA: the whole batch first, halved on out-of-memory" if run.ctx.world_size == 1 else
+                            "CUDA: the whole batch first (under torchrun a step out of memory stops the run, exit 4)")
     if run.ctx.device.type == "cpu":
         def probe(m: int) -> None:
             snapshot = StepSnapshot(run.model, run.ctx.device)
             views = crops[:, :m] if isinstance(crops, LazyViews) else crops[:, :m].contiguous()
-            micro_batched_step(run.model, run.method, views, labels[:m], hp, beta, m, amp=run.amp)
-            snapshot.restore()
+            try:
+                micro_batched_step(run.model, run.method, views, labels[:m], hp, beta, m, amp=run.amp)
+            finally:
+                snapshot.restore()
 
         _say(run, f"--micro-batch auto: measuring the memory of a step at a few images ({local} per process)")
         stored = (run.method.forward_rows * math.prod(crops.shape[2:]) * 4) if run.method.contrastive else 0
-        run.micro, why = estimate_micro_batch(probe, local, stored_per_image=stored)
-        run.micro = udist.all_reduce_min(run.micro or local)
+        udist.barrier()  # every local process reads the free memory before any of them probes
+        share = int(os.environ.get("LOCAL_WORLD_SIZE", run.ctx.world_size))
+        try:
+            m, why = estimate_micro_batch(probe, local, stored_per_image=stored, share=share)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise MemoryError(f"--micro-batch auto: a probe step of a few images ran out of memory "
+                              f"({str(exc).splitlines()[0]})") from None
+        run.micro = udist.all_reduce_min(m or local)
         run.micro = None if run.micro >= local else run.micro
     if run.micro is None and run.ctx.world_size > 1:  # the whole share in one pass: DDP reduces the gradients
         run.step_module = nn.parallel.DistributedDataParallel(
@@ -750,11 +775,16 @@ def stop_signals() -> Iterator[dict]:
 
     def handler(signum, frame):
         if got["signum"] is not None:
-            raise StoppedNow(signal.Signals(signum).name)
-        got.update(signum=signum)
+            # torchrun forwards the signal it gets to its workers and Slurm signals every process of a job step, so
+            # one preemption can arrive twice within milliseconds: only a later one means "now"
+            if time.monotonic() - got["at"] >= SECOND_SIGNAL_AFTER_S:
+                raise StoppedNow(signal.Signals(signum).name)
+            return
+        got.update(signum=signum, at=time.monotonic())
         if udist.rank() == 0:
             print(f"\nreceived {signal.Signals(signum).name}: stopping after the step in progress, which is then "
-                  f"checkpointed; send it again to stop now (that step is lost)", file=sys.stderr)
+                  f"checkpointed; send it again (after {SECOND_SIGNAL_AFTER_S:g} s) to stop now (that step is lost)",
+                  file=sys.stderr)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
     try:
@@ -765,7 +795,8 @@ def stop_signals() -> Iterator[dict]:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train one run; returns {"checkpoint", "step", "loss", "interrupted" (signal number or None), "model"}.
+    """Train one run; returns {"checkpoint", "step", "loss", "interrupted" (signal number or None), "model", "micro"
+    (the images per chunk: None for the whole batch)}.
 
     Under torchrun every process calls this (after urkle_fast.distributed.init_distributed): DDP over a
     MethodStep, the global NT-Xent, rank 0 writes checkpoints and metrics. Raises DataRootError,
@@ -826,7 +857,7 @@ def train(cfg: TrainConfig) -> dict:
         print(f"\nreceived {signal.Signals(interrupted).name}: saved {path} at step {run.step}; "
               f"continue with --out-dir {cfg.out_dir} --resume", file=sys.stderr)
     return {"checkpoint": str(path), "step": run.step, "loss": last_loss, "interrupted": interrupted,
-            "model": unwrap(run.model)}
+            "model": unwrap(run.model), "micro": run.micro}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,10 @@
 #   scripts/reproduce_mnist.sh                 # train every model, then evaluate (RESULTS.md records the times)
 #   PHASE=train scripts/reproduce_mnist.sh     # only the trainings; PHASE=eval only the evaluations
 #   N_TEST=500 BUDGETS=all TASKS= BOUND= BUDGET_RUNS= PHASE=eval scripts/reproduce_mnist.sh   # Table 1 only
-#   N_TEST=500 BUDGETS="5000 1000" TASKS= BOUND= PHASE=eval scripts/reproduce_mnist.sh      # Tables 2-3 only
+#   N_TEST=300 BUDGETS="5000 1000" EVAL_RUNS="vae_urkle ae_trades" TASKS= BOUND= PHASE=eval \
+#     scripts/reproduce_mnist.sh                                                           # label budgets only
+#   N_TEST=300 TASKS="parity gt4" TASK_RUNS=vae_urkle EVAL_RUNS= BUDGET_RUNS= BOUND= PHASE=eval \
+#     scripts/reproduce_mnist.sh                                                           # the tasks table
 #
 # The evaluations: eval_<run> (the digit task, heads on each of BUDGETS for the representation models, the
 # all-label classifiers), eval_<run>_<b> (the classifiers trained on b labels), tasks_<run> (the other TASKS, heads

@@ -301,22 +301,37 @@ def test_is_out_of_memory():
     assert not microbatch.is_out_of_memory(ValueError("can't allocate memory"))
 
 
+_KNOWN_MEMORY = """
+import json, torch
+from urkle_fast import microbatch
+per_image = 8 * 2**20
+def step(m):
+    x = torch.empty(m * per_image // 4, dtype=torch.float32)
+    x.fill_(1.0)  # touched: resident
+    del x
+batch = int(2 * microbatch.memory_headroom() / per_image)
+m, why = microbatch.estimate_micro_batch(step, batch)
+small, why_small = microbatch.estimate_micro_batch(step, 64)
+print(json.dumps([m, why, small, why_small]))
+"""
+
+
 def test_estimate_micro_batch_reads_real_memory():
     """The estimator against a step whose memory is known: each image touches 8 MiB, so the measured slope is
-    8 MiB per image, and the chunk it picks fills about 80% of the free memory (the batch asks for far more)."""
+    8 MiB per image, and the chunk it picks fills about 80% of the free memory (the batch asks for twice the free
+    memory). In a fresh process, as at the start of a training run."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _KNOWN_MEMORY], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    m, why, small, why_small = json.loads(out.stdout.strip().splitlines()[-1])
     per_image = 8 * 2**20
-
-    def step(m):
-        x = torch.empty(m * per_image // 4, dtype=torch.float32)
-        x.fill_(1.0)  # touched: resident
-        del x
-
-    free = microbatch.memory_headroom()
-    batch = int(2 * free / per_image)
-    m, why = microbatch.estimate_micro_batch(step, batch)
     slope = float(why.split("grows ")[1].split(" MB")[0])
     seen_free = float(why.split("images), ")[1].split(" GB free")[0]) * 2**30  # what the estimator read
     assert slope == pytest.approx(8.0, rel=0.1), why
     assert m is not None and 0.6 * seen_free <= m * per_image <= 0.8 * seen_free, why
-    m_small, why_small = microbatch.estimate_micro_batch(step, 64)
-    assert m_small is None and why_small.startswith("it fits"), why_small
+    assert small is None and why_small.startswith("it fits"), why_small

@@ -240,6 +240,17 @@ def memory_headroom() -> Optional[int]:
     return min(found) if found else None
 
 
+def _trim_heap() -> None:
+    """Return the C heap's free memory to the system (glibc's malloc_trim): memory freed earlier but kept resident
+    would otherwise be reused by a probe without raising the resident set, and the probe would read as smaller."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 class PeakResident:
     """The peak resident memory of a block on a Linux CPU, in bytes: the high-water mark VmHWM, reset through
     /proc/self/clear_refs. ``available`` is False elsewhere."""
@@ -250,6 +261,7 @@ class PeakResident:
     @staticmethod
     def reset() -> bool:
         gc.collect()
+        _trim_heap()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # "5": reset the peak resident set size to the current one (Linux >= 4.0)

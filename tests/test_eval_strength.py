@@ -208,6 +208,54 @@ def test_transfer_never_raises_the_worst_case_and_worst_is_below_every_attack(tm
     assert "worst case over every attack" in table and "transfer from z=mu" in table and "[" in table
 
 
+def test_cascade_attacks_only_the_survivors_and_keeps_the_worst_case(tmp_path, digits, monkeypatch):
+    """--cascade (AutoAttack's standard run): each attack sees exactly the images still right after the earlier
+    ones (the z = mu path: right on either path), its column is the accuracy left after it, the last column is
+    the worst case, fewer images are attacked in all, and the worst case agrees with attacking every image."""
+    import urkle_fast.eval as ev
+
+    rep = _rep_models(digits)
+    common = dict(dataset="digits", eps=[0.1, 0.2], n_test=60, attack_steps=5, apgd_steps=5, apgd_targets=3,
+                  square_queries=20, eot_iter=2, redraws=3, head_epochs=40, plots=False, sweep_n_test=10,
+                  verbose=False)
+    calls = []
+    real = ev._live_scores
+
+    def spy(job, clf, x, y, live, *args, **kw):
+        r = real(job, clf, x, y, live, *args, **kw)
+        calls.append((kw["desc"], len(y) if live is None else len(live)))
+        return r
+
+    monkeypatch.setattr(ev, "_live_scores", spy)
+    full = evaluate_models({"rep": (rep, {})}, EvalConfig(out=str(tmp_path / "full"), **common), splits=digits)
+    n_full, n_calls, calls[:] = sum(n for _, n in calls), len(calls), []
+    cas = evaluate_models({"rep": (rep, {})}, EvalConfig(out=str(tmp_path / "cas"), cascade=True,
+                                                              heads=str(tmp_path / "full" / "heads"), **common),
+                          splits=digits)
+    n_cas = sum(n for _, n in calls)
+    assert n_full == 60 * n_calls and len(calls) == n_calls and n_cas < n_full / 2, (n_cas, n_full)
+    print("cascade attacked", n_cas, "of", n_full, "image-attacks")
+    paths = cas["models"]["rep"]["budgets"]["all"]["paths"]
+    full_paths = full["models"]["rep"]["budgets"]["all"]["paths"]
+    for e in ("0.1", "0.2"):
+        for path in ("mu", "samples"):
+            r = paths[path]
+            cols = [r[a][e] for a in r["attacks"]]
+            assert cols == sorted(cols, reverse=True) and cols[-1] == r["worst"][e], (path, e, r)
+            # each call attacks the images still right (on either path for z = mu) after the previous ones
+            sizes = [n for d, n in calls if d.split()[-3] == path and d.split()[-1] == f"{float(e):.4g}"]
+            left = [round(60 * x) for x in cols]
+            assert len(sizes) == len(cols) == 4, (path, sizes)
+            for k, n in enumerate(sizes[1:]):
+                if path == "samples":
+                    assert n == left[k], (path, e, sizes, left)
+                else:
+                    assert n >= left[k], (path, e, sizes, left)
+            assert abs(r["worst"][e] - full_paths[path]["worst"][e]) <= 4 / 60, (path, e)
+        assert "transfer" not in paths["samples"]
+    assert "accuracy left after it" in (tmp_path / "cas" / "table.md").read_text()
+
+
 def test_heads_are_saved_and_reused(tmp_path, digits, monkeypatch):
     import urkle_fast.eval as ev
 

@@ -49,6 +49,8 @@ def merge(parts: Sequence[dict], order: Sequence[str] = ()) -> dict:
             raise ValueError(f"cannot merge {p['dataset']} at eps {p['eps_list']} with {first['dataset']} at eps "
                              f"{first['eps_list']}")
         differ = [k for k in COMPARABLE if p["settings"].get(k) != first["settings"].get(k)]
+        if bool(p["settings"].get("cascade")) != bool(first["settings"].get("cascade")):
+            differ.append("cascade (the attack columns mean different things)")
         if differ:
             raise ValueError(f"cannot merge evaluations whose settings differ: {', '.join(differ)}")
     merged = dict(first, models={}, label_budgets=[], tasks=[])

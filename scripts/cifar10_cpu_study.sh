@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# The paper's CIFAR-10 comparison (Table 2: SimCLR, RoCL, SimCLR+Urkle, and the supervised Standard, AT, TRADES)
+# at the scale a 2-core CPU allows. One command runs the whole study and continues where it stopped:
+#
+#   scripts/cifar10_cpu_study.sh                       # every stage, every seed (about 8 core-hours; see RESULTS.md)
+#   SEEDS=0 scripts/cifar10_cpu_study.sh               # one seed
+#   PHASE=train SEEDS=0 scripts/cifar10_cpu_study.sh   # only the trainings (PHASE=select / eval / report: one stage)
+#
+# Stages, per seed:
+#   train   every model on the same budget: the first TRAIN_SUBSET images of the trainer's fixed shuffle,
+#           EPOCHS epochs, batch 256, AdamW, training attack PGD-$PGD_STEPS at eps 8/255 for every adversarial
+#           method; LANES trainings at a time, one thread each (the 2 cores).
+#   select  SimCLR+Urkle's beta (BETAS): each model's worst case at 8/255 on the last HOLDOUT images of the
+#           training split (never trained on: TRAIN_SUBSET + HOLDOUT <= 50,000), PGD-20 and APGD-CE on both of
+#           its prediction paths; the best one is the seed's SimCLR+Urkle. The test set is not looked at.
+#   eval    each model on N_TEST class-balanced test images at eps 8/255 and 16/255, the reduced AutoAttack
+#           ensemble below run as AutoAttack runs it (--cascade: each attack only on the images every earlier one
+#           left correct: the same per-image worst case); the representation models' linear heads on all /
+#           5000 / 1000 labels, then Proposition 1 (M = BOUND) and the animal-vs-vehicle task.
+#   report  merged tables (runs/cifar10_cpu/merged) and the committed summary results/cifar10_cpu/.
+#
+# Every step resumes: a training with --resume if-exists (a killed one continues from its last checkpoint,
+# written every CKPT_EVERY steps), an evaluation is skipped when its results.json exists. Nothing is overwritten.
+# Logs: $OUT/logs/; wall times (s): $OUT/times.tsv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-runs/cifar10_cpu}
+DATA_ROOT=${DATA_ROOT:-../shared/data/cifar10-jpeg}
+PHASE=${PHASE:-all}
+SEEDS=${SEEDS:-"0 1"}
+LANES=${LANES:-2}
+TRAIN_SUBSET=${TRAIN_SUBSET:-8000}
+EPOCHS=${EPOCHS:-4}
+PGD_STEPS=${PGD_STEPS:-3}
+BETAS=${BETAS:-"0.003 0.01 0.03"}
+HOLDOUT=${HOLDOUT:-1000}
+N_TEST=${N_TEST:-2000}
+BUDGETS=${BUDGETS:-"all 5000 1000"}      # label budgets of the representation heads and the supervised models
+APGD=${APGD:-100}                        # APGD iterations (AutoAttack: 100)
+TARGETS=${TARGETS:-3}                    # APGD-T target classes (AutoAttack: 9)
+SQUARE=${SQUARE:-1000}                   # Square queries (AutoAttack: 5000)
+EOT=${EOT:-5}                            # EOT forwards per gradient step on the S-sample prediction (AutoAttack rand: 20)
+BOUND=${BOUND-10}                        # Proposition 1 at this M for SimCLR+Urkle ("" = skip)
+TASKS=${TASKS-"animal_vehicle"}          # the other task of the representation models ("" = skip)
+CKPT_EVERY=${CKPT_EVERY:-20}
+mkdir -p "$OUT/logs"
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+touch "$OUT/times.tsv"
+EPS="0.031372549 0.062745098"            # 8/255, 16/255
+
+COMMON=(--dataset cifar10 --data-root "$DATA_ROOT" --arch resnet18_w16 --batch-size 256 --optimizer adamw
+        --base-lr 0.004 --warmup-epochs 0.5 --pgd-steps "$PGD_STEPS" --threads 1 --num-workers 0 --no-progress
+        --log-every 10 --ckpt-every "$CKPT_EVERY" --resume if-exists)
+
+timed() {  # timed <log name> <command...>: log, wall time and exit status
+  local t0 rc=0; t0=$(date +%s)
+  "${@:2}" > "$OUT/logs/$1.log" 2>&1 || rc=$?
+  printf '%s\t%s\t%s\n' "$1" "$(( $(date +%s) - t0 ))" "$rc" >> "$OUT/times.tsv"
+  [ "$rc" = 0 ] || echo "$1 failed (exit $rc): $OUT/logs/$1.log" >&2
+  return "$rc"
+}
+
+pool() {  # pool <command file>: run its lines LANES at a time; fail when any fails
+  local pids=() line rc=0
+  while IFS= read -r line; do
+    while [ "$(jobs -rp | wc -l)" -ge "$LANES" ]; do wait -n || rc=1; done
+    bash -c "$line" & pids+=($!)
+  done < "$1"
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  return $rc
+}
+
+# run name | method | flags: the costliest first so that the lanes finish together
+runs_of_seed() {  # runs_of_seed <seed> <tier>: tier 1 the all-label models, tier 2 the label-budget classifiers
+  local s=$1 b
+  if [ "$2" = 1 ]; then
+    for b in $BETAS; do
+      echo "urkle_b${b}_s$s|simclr_urkle|--beta-robust $b --train-subset $TRAIN_SUBSET --epochs $EPOCHS"
+    done
+    for m in rocl trades at simclr standard; do echo "${m}_s$s|$m|--train-subset $TRAIN_SUBSET --epochs $EPOCHS"; done
+    return
+  fi
+  # the supervised models of the label budgets: as many image-steps on their own labelled images
+  for b in $BUDGETS; do
+    [ "$b" = all ] && continue
+    local ep=$(( TRAIN_SUBSET * EPOCHS / b )); [ "$ep" -ge 1 ] || ep=1
+    for m in trades at standard; do echo "${m}_${b}_s$s|$m|--label-budget $b --epochs $ep"; done
+  done
+}
+
+train_stage() {  # train_stage <tier>
+  local cmds s run method extra
+  cmds=$(mktemp)
+  for s in $SEEDS; do
+    while IFS='|' read -r run method extra; do
+      printf '%q ' timed "train_$run" "$PY" -m urkle_fast.train --method "$method" "${COMMON[@]}" --seed "$s" \
+        --out-dir "$OUT/$run" >> "$cmds"
+      echo "$extra" >> "$cmds"
+    done < <(runs_of_seed "$s" "$1")
+  done
+  pool "$cmds"
+  rm -f "$cmds"
+}
+
+EVAL=(--dataset cifar10 --data-root "$DATA_ROOT" --num-workers 0 --eot-iter "$EOT" --cascade)
+# the accuracy-vs-eps curves (PGD-20, SWEEP_N test images) of the all-label evaluations; 0..16/255
+SWEEP=(--sweep-eps 0 0.0078431 0.015686 0.031373 0.047059 0.062745 --sweep-n-test "${SWEEP_N:-300}" --fig2-images 0)
+ATTACKS=(--apgd-steps "$APGD" --apgd-targets "$TARGETS" --square-queries "$SQUARE")
+declare -A NAME=([standard]=Standard [at]=AT [trades]=TRADES [simclr]=SimCLR [rocl]=RoCL [urkle]=SimCLR+Urkle)
+
+select_stage() {
+  local s b ck names
+  for s in $SEEDS; do
+    [ -f "$OUT/select_s$s/chosen.txt" ] && continue
+    ck=() names=()
+    for b in $BETAS; do ck+=(--checkpoint "$OUT/urkle_b${b}_s$s/checkpoint.pt"); names+=(--name "beta=$b"); done
+    [ -f "$OUT/select_s$s/results.json" ] ||
+      timed "select_s$s" "$PY" -m urkle_fast.eval "${EVAL[@]}" --out "$OUT/select_s$s" "${ck[@]}" "${names[@]}" \
+        --holdout "$HOLDOUT" --eps 0.031372549 --apgd-steps "$APGD" --apgd-targets 0 --square-queries 0 --no-plots \
+        --seed "$s"
+    # the chosen beta: the best worst case of the S-sample prediction at 8/255 on the held-out images (ties: the
+    # better clean accuracy, then the smaller beta)
+    "$PY" - "$OUT/select_s$s/results.json" "$s" > "$OUT/select_s$s/chosen.tmp" <<'PYEOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+def key(item):
+    name, m = item
+    p = m["tasks"]["class"]["budgets"]["all"]["paths"]["samples"]
+    return (p["worst"]["0.031372549"], p["clean"], -float(name.split("=")[1]))
+name, _ = max(r["models"].items(), key=key)
+print(f"urkle_b{name.split('=')[1]}_s{sys.argv[2]}")
+PYEOF
+    mv "$OUT/select_s$s/chosen.tmp" "$OUT/select_s$s/chosen.txt"
+    echo "seed $s: SimCLR+Urkle is $(cat "$OUT/select_s$s/chosen.txt") (held-out choice)"
+  done
+}
+
+eval_stage() {  # eval_stage <tier>: 1 the all-label headline of every model, 2 the label budgets, bound, task
+  local cmds s u run m b common
+  cmds=$(mktemp)
+  qeval() {  # qeval <log name> <out folder> <eval flags...>: queued unless its results.json exists
+    [ -f "$2/results.json" ] && return 0
+    printf '%q ' timed "$1" "$PY" -m urkle_fast.eval "${EVAL[@]}" --out "$2" "${@:3}" >> "$cmds"
+    echo >> "$cmds"
+  }
+  for s in $SEEDS; do
+    u=$(cat "$OUT/select_s$s/chosen.txt")
+    common=(--eps $EPS --n-test "$N_TEST" --seed "$s" "${ATTACKS[@]}")
+    if [ "$1" = 1 ]; then  # the costliest first
+      for run in "$u" rocl_s$s trades_s$s at_s$s simclr_s$s standard_s$s; do
+        m=${run%%_*}
+        qeval "eval_$run" "$OUT/eval_$run" --checkpoint "$OUT/$run/checkpoint.pt" --name "${NAME[$m]}" \
+          --label-budgets all "${SWEEP[@]}" "${common[@]}"
+      done
+      continue
+    fi
+    for b in $BUDGETS; do
+      [ "$b" = all ] && continue
+      for run in "$u" rocl_s$s simclr_s$s; do
+        m=${run%%_*}
+        qeval "eval_${run}_$b" "$OUT/eval_${run}_$b" --checkpoint "$OUT/$run/checkpoint.pt" \
+          --name "${NAME[$m]}" --label-budgets "$b" --no-plots "${common[@]}"
+      done
+      for m in trades at standard; do
+        qeval "eval_${m}_${b}_s$s" "$OUT/eval_${m}_${b}_s$s" --checkpoint "$OUT/${m}_${b}_s$s/checkpoint.pt" \
+          --name "${NAME[$m]}" --label-budgets "$b" --no-plots "${common[@]}"
+      done
+    done
+    if [ -n "$BOUND" ]; then  # Proposition 1 for SimCLR+Urkle: heads on the bounded loss, the KL term's attacks
+      qeval "bound_$u" "$OUT/bound_$u" --checkpoint "$OUT/$u/checkpoint.pt" --name SimCLR+Urkle \
+        --eps $EPS --bound "$BOUND" --head-loss bounded --bound-samples 64 --apgd-steps 0 --square-queries 0 \
+        --n-test 500 --no-plots --seed "$s"
+    fi
+    if [ -n "$TASKS" ]; then
+      for run in "$u" rocl_s$s simclr_s$s; do
+        m=${run%%_*}
+        qeval "tasks_$run" "$OUT/tasks_$run" --checkpoint "$OUT/$run/checkpoint.pt" --name "${NAME[$m]}" \
+          --tasks $TASKS --label-budgets all --no-plots "${common[@]}"
+      done
+    fi
+  done
+  pool "$cmds"
+  rm -f "$cmds"
+}
+
+export -f timed; export OUT PY
+# in order of what the table needs most: the headline of every seed first, then the label budgets
+case "$PHASE" in
+  all) train_stage 1; select_stage; eval_stage 1; train_stage 2; eval_stage 2 ;;
+  train) train_stage 1; train_stage 2 ;;
+  select) select_stage ;;
+  eval) eval_stage 1; eval_stage 2 ;;
+  report) ;;
+  *) echo "PHASE must be all, train, select, eval or report, got '$PHASE'" >&2; exit 2 ;;
+esac
+
+if [ "$PHASE" = all ] || [ "$PHASE" = report ]; then
+  "$PY" scripts/cifar10_study_report.py "$OUT" --seeds $SEEDS --out results/cifar10_cpu
+fi
+cat "$OUT/times.tsv"

@@ -1,0 +1,294 @@
+"""The CIFAR-10 CPU study's report (scripts/cifar10_cpu_study.sh, stage "report"): the paper's Table 2 layout
+(clean / 8/255 / 16/255 per label budget, worst case over every attack with 95% Wilson intervals, beside the
+paper's numbers), the held-out beta choice, the ordering of SimCLR, RoCL and SimCLR+Urkle, Proposition 1, the
+animal-vs-vehicle task, wall times, and accuracy against eps as a picture.
+
+    python scripts/cifar10_study_report.py runs/cifar10_cpu --seeds 0 1 --out results/cifar10_cpu
+
+Reads only the study's results.json files; a cell whose evaluation has not run says so. Writes table.md,
+summary.json (small: committed) and accuracy_vs_eps.png into --out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EPS = ("0.031372549", "0.062745098")  # 8/255, 16/255 as the study passes them
+PAPER = {"SimCLR+Urkle": (82.31, 42.56, 14.29), "RoCL": (83.71, 40.27, 9.55)}  # SPEC.md, full labels
+REPRESENTATION = ("simclr_urkle", "rocl", "simclr")
+SUPERVISED = ("trades", "at", "standard")
+NAME = {"simclr_urkle": "SimCLR+Urkle", "rocl": "RoCL", "simclr": "SimCLR", "trades": "TRADES", "at": "AT",
+        "standard": "Standard"}
+
+
+def _load(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _entry(results, task: str, budget: str):
+    """(the model's entry for this task and budget, its kind) from one evaluation of one model."""
+    m = next(iter(results["models"].values()))
+    t = m.get("tasks", {}).get(task) or {}
+    return t.get("budgets", {}).get(budget), m.get("kind")
+
+
+def _cell(paths: dict, path: str) -> dict:
+    r = paths[path]
+    return dict(clean=r["clean"], clean_ci=r["clean_ci"], worst={e: r["worst"].get(e) for e in EPS},
+                worst_ci={e: r["worst_ci"].get(e) for e in EPS})
+
+
+def _fmt(v, ci) -> str:
+    return "—" if v is None else f"{100 * v:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _run_dirs(out: Path, seed: int, method: str, budget: str) -> Path:
+    """The folder of one evaluation in the study's layout."""
+    if method == "simclr_urkle":
+        chosen = (out / f"select_s{seed}" / "chosen.txt")
+        run = chosen.read_text().strip() if chosen.is_file() else None
+        if run is None:
+            return out / f"select_s{seed}" / "missing"
+        return out / (f"eval_{run}" if budget == "all" else f"eval_{run}_{budget}")
+    if method in REPRESENTATION:
+        return out / (f"eval_{method}_s{seed}" if budget == "all" else f"eval_{method}_s{seed}_{budget}")
+    return out / (f"eval_{method}_s{seed}" if budget == "all" else f"eval_{method}_{budget}_s{seed}")
+
+
+def collect(out: Path, seeds: list[int], budgets: list[str]) -> dict:
+    rows = []
+    for s in seeds:
+        for method in REPRESENTATION + SUPERVISED:
+            for b in budgets:
+                d = _run_dirs(out, s, method, b)
+                r = _load(d / "results.json")
+                row = dict(seed=s, method=method, name=NAME[method], budget=b, folder=str(d))
+                if r is None:
+                    why = ("the held-out beta choice has not run" if d.name == "missing" else
+                           "evaluation not run yet" if not (d / "heads").exists() else "evaluation did not finish")
+                    rows.append(dict(row, missing=why))
+                    continue
+                e, kind = _entry(r, "class", b)
+                if e is None:
+                    rows.append(dict(row, missing="no entry for this budget in " + str(d / "results.json")))
+                    continue
+                paths = e["paths"]
+                row["n_test"] = r["settings"]["n_test"]
+                row["wall_s"] = next(iter(r["models"].values())).get("wall_s")
+                row["config"] = {k: next(iter(r["models"].values()))["config"].get(k)
+                                 for k in ("beta_robust", "train_subset", "epochs", "pgd_steps", "label_budget")}
+                row["headline"] = _cell(paths, "samples" if "note" not in paths["samples"] else "mu")
+                if "note" not in paths["samples"]:
+                    row["z_mu"] = _cell(paths, "mu")
+                row["sweep"] = next(iter(r["models"].values())).get("sweep")
+                rows.append(row)
+    return dict(rows=rows, settings=_settings(out, seeds), select=_select(out, seeds), bound=_bound(out, seeds),
+                tasks=_tasks(out, seeds), times=_times(out))
+
+
+def _settings(out: Path, seeds) -> dict:
+    for s in seeds:
+        for d in sorted(out.glob(f"eval_*_s{s}")):
+            r = _load(d / "results.json")
+            if r:
+                return {k: r["settings"].get(k) for k in ("n_test", "attack_steps", "apgd_steps", "apgd_targets",
+                                                          "square_queries", "eot_iter", "samples", "redraws",
+                                                          "cascade", "head", "head_epochs")}
+    return {}
+
+
+def _select(out: Path, seeds) -> list[dict]:
+    rows = []
+    for s in seeds:
+        r = _load(out / f"select_s{s}" / "results.json")
+        if r is None:
+            continue
+        chosen = (out / f"select_s{s}" / "chosen.txt").read_text().strip()
+        for name, m in r["models"].items():
+            p = m["tasks"]["class"]["budgets"]["all"]["paths"]
+            rows.append(dict(seed=s, beta=name.split("=")[1], chosen=chosen.startswith(f"urkle_b{name.split('=')[1]}_"),
+                             n=r["settings"]["n_test"], samples=_cell(p, "samples"), z_mu=_cell(p, "mu")))
+    return rows
+
+
+def _found(out: Path, seeds, pattern: str):
+    """(seed, folder, results) of every finished evaluation whose folder matches pattern.format(seed=s)."""
+    for s in seeds:
+        for d in sorted(out.glob(pattern.format(seed=s))):
+            r = _load(d / "results.json")
+            if r:
+                yield s, d, r
+
+
+def _bound(out: Path, seeds) -> list[dict]:
+    rows = []
+    for s, d, r in _found(out, seeds, "bound_urkle_b*_s{seed}"):
+        b = next(iter(r["models"].values()))["tasks"]["class"]["budgets"]["all"].get("bound", {})
+        rows += [dict(seed=s, run=d.name, **v) for v in b.values()]
+    return rows
+
+
+def _tasks(out: Path, seeds) -> list[dict]:
+    rows = []
+    for s, _, r in _found(out, seeds, "tasks_*_s{seed}"):
+        name, m = next(iter(r["models"].items()))
+        for task, t in m.get("tasks", {}).items():
+            e = t.get("budgets", {}).get("all")
+            if e:
+                p = e["paths"]
+                rows.append(dict(seed=s, name=name, task=task,
+                                 headline=_cell(p, "samples" if "note" not in p["samples"] else "mu")))
+    return rows
+
+
+def _times(out: Path) -> dict:
+    f = out / "times.tsv"
+    t = {}
+    if f.is_file():
+        for line in f.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 2 and (len(parts) < 3 or parts[2] == "0"):
+                t[parts[0]] = int(parts[1])
+    return t
+
+
+def _ordering(rows: list[dict], seed: int, eps: str) -> str:
+    got = {r["name"]: r["headline"] for r in rows
+           if r["seed"] == seed and r["budget"] == "all" and "headline" in r and r["method"] in REPRESENTATION}
+    if len(got) < 3:
+        return f"seed {seed}: not all three representation models are evaluated yet"
+    order = sorted(got, key=lambda n: -got[n]["worst"][eps])
+    parts = []
+    for a, b in zip(order, order[1:]):
+        apart = got[a]["worst_ci"][eps][0] > got[b]["worst_ci"][eps][1]
+        parts.append(f"{a} {'>' if apart else '≈'} {b}")
+    desc = ", ".join(f"{n} {_fmt(got[n]['worst'][eps], got[n]['worst_ci'][eps])}" for n in order)
+    return (f"seed {seed}, {_eps_label(eps)}: " + "; ".join(parts) + f" ({desc}; '>' when the 95% intervals are apart, "
+            f"'≈' when they overlap)")
+
+
+def _eps_label(e: str) -> str:
+    return f"{round(float(e) * 255)}/255"
+
+
+def markdown(summary: dict, budgets: list[str]) -> str:
+    s, rows = summary["settings"], summary["rows"]
+    lines = ["# CIFAR-10 at CPU scale: worst-case robust accuracy (%, 95% Wilson intervals)", ""]
+    if s:
+        lines += [f"{s['n_test']} class-balanced test images; per image the worst case over PGD-{s['attack_steps']}, "
+                  f"APGD-CE, APGD-T ({s['apgd_targets']} targets), Square ({s['square_queries']} queries) on the "
+                  f"z = mu path and classifiers; PGD, APGD-CE, APGD-DLR (EOT {s['eot_iter']}), Square and every "
+                  f"z = mu adversary on SimCLR+Urkle's S = {s['samples']} prediction; {s['apgd_steps']} APGD "
+                  f"iterations; run as AutoAttack runs it (each attack on the images still right)"
+                  f"{'' if s.get('cascade') else ' [cascade off]'}. Heads: {s['head']} on frozen features.", ""]
+    head = ["method", "seed", "labels", "clean", "8/255", "16/255", "paper (clean / 8 / 16, all labels)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        paper = " / ".join(f"{v:.2f}" for v in PAPER[r["name"]]) if r["name"] in PAPER and r["budget"] == "all" \
+            else ("not in SPEC.md" if r["budget"] == "all" else "")
+        label = r["name"] + (f" (beta {r['config']['beta_robust']:g}, S = {s.get('samples')})"
+                             if r["method"] == "simclr_urkle" and "config" in r else "")
+        if "missing" in r:
+            lines.append(f"| {label} | {r['seed']} | {r['budget']} | {r['missing']} | — | — | {paper} |")
+            continue
+        h = r["headline"]
+        lines.append(f"| {label} | {r['seed']} | {r['budget']} | {_fmt(h['clean'], h['clean_ci'])} | "
+                     + " | ".join(_fmt(h["worst"][e], h["worst_ci"][e]) for e in EPS) + f" | {paper} |")
+        if "z_mu" in r:
+            z = r["z_mu"]
+            lines.append(f"| {r['name']} (z = mu) | {r['seed']} | {r['budget']} | {_fmt(z['clean'], z['clean_ci'])} | "
+                         + " | ".join(_fmt(z["worst"][e], z["worst_ci"][e]) for e in EPS) + " | |")
+    lines += ["", "## Ordering of the representations (all labels)", ""]
+    for seed in sorted({r["seed"] for r in rows}):
+        lines += list(dict.fromkeys(f"- {_ordering(rows, seed, e)}" for e in EPS))  # once when not evaluated
+    if summary["select"]:
+        lines += ["", "## SimCLR+Urkle's beta, chosen on held-out training images (worst case at 8/255)", "",
+                  "| seed | beta | n | S = 10 clean | S = 10 worst 8/255 | z = mu worst 8/255 | chosen |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in summary["select"]:
+            lines.append(f"| {r['seed']} | {r['beta']} | {r['n']} | {_fmt(r['samples']['clean'], r['samples']['clean_ci'])}"
+                         f" | {_fmt(r['samples']['worst'][EPS[0]], r['samples']['worst_ci'][EPS[0]])} | "
+                         f"{_fmt(r['z_mu']['worst'][EPS[0]], r['z_mu']['worst_ci'][EPS[0]])} | "
+                         f"{'yes' if r['chosen'] else ''} |")
+    if summary["bound"]:
+        lines += ["", "## Proposition 1 (SimCLR+Urkle, bounded heads)", "",
+                  "| seed | eps | M | term1 | term2 (max KL) | RHS | LHS | holds | vacuous | violations / pairs |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for b in summary["bound"]:
+            lines.append(f"| {b['seed']} | {_eps_label(str(b['eps']))} | {b['M']:g} | {b['term1']:.3f} | "
+                         f"{b['term2']:.3f} | {b['rhs']:.3f} | {b['lhs']:.3f} | {b['holds']} | {b['vacuous']} | "
+                         f"{b['violations']} / {b['checked_pairs']} |")
+    if summary["tasks"]:
+        lines += ["", "## Animal vs vehicle (all labels)", "", "| method | seed | clean | 8/255 | 16/255 |",
+                  "| --- | --- | --- | --- | --- |"]
+        for t in summary["tasks"]:
+            h = t["headline"]
+            lines.append(f"| {t['name']} | {t['seed']} | {_fmt(h['clean'], h['clean_ci'])} | "
+                         + " | ".join(_fmt(h["worst"][e], h["worst_ci"][e]) for e in EPS) + " |")
+    if summary["times"]:
+        lines += ["", "## Wall times (s, one core each)", "", "| step | s |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in summary["times"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: str) -> None:
+    """PGD-20 accuracy against eps per method (all labels), with each method's worst case at 8/255 and 16/255."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    styles = ["-", "--", ":", "-."]
+    k = 0
+    for r in summary["rows"]:
+        if r["budget"] != "all" or "headline" not in r or not r.get("sweep"):
+            continue
+        curve = next((c for lab, c in r["sweep"].items() if lab.startswith("S=")), None) or next(iter(r["sweep"].values()))
+        line, = ax.plot([255 * e for e in curve["eps"]], [100 * a for a in curve["acc"]], styles[k % 4], marker="o",
+                        markersize=3, label=f"{r['name']} (seed {r['seed']}), PGD-20")
+        h = r["headline"]
+        ax.errorbar([0] + [255 * float(e) for e in EPS], [100 * h["clean"]] + [100 * h["worst"][e] for e in EPS],
+                    yerr=[[100 * (v - ci[0]) for v, ci in [(h["clean"], h["clean_ci"])] +
+                           [(h["worst"][e], h["worst_ci"][e]) for e in EPS]],
+                          [100 * (ci[1] - v) for v, ci in [(h["clean"], h["clean_ci"])] +
+                           [(h["worst"][e], h["worst_ci"][e]) for e in EPS]]],
+                    fmt="s", color=line.get_color(), markersize=6, capsize=3, alpha=0.9)
+        k += 1
+    ax.set_xlabel("l_inf eps (x 1/255)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("CIFAR-10, CPU scale: lines PGD-20 (sweep images), squares the worst case over every attack",
+                 fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("study", help="the study's output folder (OUT of scripts/cifar10_cpu_study.sh)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--budgets", nargs="+", default=["all", "5000", "1000"])
+    p.add_argument("--out", required=True, help="folder for table.md, summary.json, accuracy_vs_eps.png")
+    a = p.parse_args(argv)
+    out = Path(a.study)
+    if not out.is_dir():
+        print(f"error: {a.study} is not a folder (the study's OUT)", file=sys.stderr)
+        return 2
+    summary = collect(out, a.seeds, a.budgets)
+    os.makedirs(a.out, exist_ok=True)
+    for r in summary["rows"]:
+        r.pop("folder", None)
+    Path(a.out, "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    Path(a.out, "table.md").write_text(markdown(summary, a.budgets))
+    plot(summary, os.path.join(a.out, "accuracy_vs_eps.png"))
+    print(Path(a.out, "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,16 +17,19 @@
 #           ensemble below run as AutoAttack runs it (--cascade: each attack only on the images every earlier one
 #           left correct: the same per-image worst case); the representation models' linear heads on all /
 #           5000 / 1000 labels, then Proposition 1 (M = BOUND) and the animal-vs-vehicle task.
-#   report  merged tables (runs/cifar10_cpu/merged) and the committed summary results/cifar10_cpu/.
+#   report  scripts/cifar10_study_report.py: the Table-2 layout, the ordering, the beta choice, Proposition 1, the
+#           task, wall times and the accuracy-vs-eps plot, into REPORT (results/cifar10_cpu/, committed).
 #
 # Every step resumes: a training with --resume if-exists (a killed one continues from its last checkpoint,
 # written every CKPT_EVERY steps), an evaluation is skipped when its results.json exists. Nothing is overwritten.
-# Logs: $OUT/logs/; wall times (s): $OUT/times.tsv.
+# Logs: $OUT/logs/ (appended on every resume); wall times (s) and exit status: $OUT/times.tsv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/cifar10_cpu}
+# the committed summary (table.md, summary.json, the plot) of the default study; another OUT reports into itself
+REPORT=${REPORT:-$([ "$OUT" = runs/cifar10_cpu ] && echo results/cifar10_cpu || echo "$OUT/report")}
 DATA_ROOT=${DATA_ROOT:-../shared/data/cifar10-jpeg}
 PHASE=${PHASE:-all}
 SEEDS=${SEEDS:-"0 1"}
@@ -43,6 +46,7 @@ TARGETS=${TARGETS:-3}                    # APGD-T target classes (AutoAttack: 9)
 SQUARE=${SQUARE:-1000}                   # Square queries (AutoAttack: 5000)
 EOT=${EOT:-5}                            # EOT forwards per gradient step on the S-sample prediction (AutoAttack rand: 20)
 BOUND=${BOUND-10}                        # Proposition 1 at this M for SimCLR+Urkle ("" = skip)
+BOUND_N=${BOUND_N:-500}                  # test images of the Proposition 1 table
 TASKS=${TASKS-"animal_vehicle"}          # the other task of the representation models ("" = skip)
 CKPT_EVERY=${CKPT_EVERY:-20}
 mkdir -p "$OUT/logs"
@@ -56,7 +60,7 @@ COMMON=(--dataset cifar10 --data-root "$DATA_ROOT" --arch resnet18_w16 --batch-s
 
 timed() {  # timed <log name> <command...>: log, wall time and exit status
   local t0 rc=0; t0=$(date +%s)
-  "${@:2}" > "$OUT/logs/$1.log" 2>&1 || rc=$?
+  "${@:2}" >> "$OUT/logs/$1.log" 2>&1 || rc=$?  # appended: a resumed step keeps its history
   printf '%s\t%s\t%s\n' "$1" "$(( $(date +%s) - t0 ))" "$rc" >> "$OUT/times.tsv"
   [ "$rc" = 0 ] || echo "$1 failed (exit $rc): $OUT/logs/$1.log" >&2
   return "$rc"
@@ -110,27 +114,34 @@ SWEEP=(--sweep-eps 0 0.0078431 0.015686 0.031373 0.047059 0.062745 --sweep-n-tes
 ATTACKS=(--apgd-steps "$APGD" --apgd-targets "$TARGETS" --square-queries "$SQUARE")
 declare -A NAME=([standard]=Standard [at]=AT [trades]=TRADES [simclr]=SimCLR [rocl]=RoCL [urkle]=SimCLR+Urkle)
 
-select_stage() {
-  local s b ck names
+select_stage() {  # each beta on the held-out images (LANES at a time), then the choice per seed
+  local cmds s b
+  cmds=$(mktemp)
+  for s in $SEEDS; do
+    for b in $BETAS; do
+      [ -f "$OUT/select_b${b}_s$s/results.json" ] && continue
+      printf '%q ' timed "select_b${b}_s$s" "$PY" -m urkle_fast.eval "${EVAL[@]}" --out "$OUT/select_b${b}_s$s" \
+        --checkpoint "$OUT/urkle_b${b}_s$s/checkpoint.pt" --name "beta=$b" --holdout "$HOLDOUT" --eps 0.031372549 \
+        --apgd-steps "$APGD" --apgd-targets 0 --square-queries 0 --no-plots --seed "$s" >> "$cmds"
+      echo >> "$cmds"
+    done
+  done
+  pool "$cmds"
+  rm -f "$cmds"
   for s in $SEEDS; do
     [ -f "$OUT/select_s$s/chosen.txt" ] && continue
-    ck=() names=()
-    for b in $BETAS; do ck+=(--checkpoint "$OUT/urkle_b${b}_s$s/checkpoint.pt"); names+=(--name "beta=$b"); done
-    [ -f "$OUT/select_s$s/results.json" ] ||
-      timed "select_s$s" "$PY" -m urkle_fast.eval "${EVAL[@]}" --out "$OUT/select_s$s" "${ck[@]}" "${names[@]}" \
-        --holdout "$HOLDOUT" --eps 0.031372549 --apgd-steps "$APGD" --apgd-targets 0 --square-queries 0 --no-plots \
-        --seed "$s"
+    mkdir -p "$OUT/select_s$s"
     # the chosen beta: the best worst case of the S-sample prediction at 8/255 on the held-out images (ties: the
     # better clean accuracy, then the smaller beta)
-    "$PY" - "$OUT/select_s$s/results.json" "$s" > "$OUT/select_s$s/chosen.tmp" <<'PYEOF'
+    "$PY" - "$s" $(for b in $BETAS; do echo "$OUT/select_b${b}_s$s/results.json"; done) \
+      > "$OUT/select_s$s/chosen.tmp" <<'PYEOF'
 import json, sys
-r = json.load(open(sys.argv[1]))
-def key(item):
-    name, m = item
+def key(path):
+    name, m = next(iter(json.load(open(path))["models"].items()))
     p = m["tasks"]["class"]["budgets"]["all"]["paths"]["samples"]
-    return (p["worst"]["0.031372549"], p["clean"], -float(name.split("=")[1]))
-name, _ = max(r["models"].items(), key=key)
-print(f"urkle_b{name.split('=')[1]}_s{sys.argv[2]}")
+    return (p["worst"]["0.031372549"], p["clean"], -float(name.split("=")[1])), name.split("=")[1]
+best = max(key(p) for p in sys.argv[2:])
+print(f"urkle_b{best[1]}_s{sys.argv[1]}")
 PYEOF
     mv "$OUT/select_s$s/chosen.tmp" "$OUT/select_s$s/chosen.txt"
     echo "seed $s: SimCLR+Urkle is $(cat "$OUT/select_s$s/chosen.txt") (held-out choice)"
@@ -171,7 +182,7 @@ eval_stage() {  # eval_stage <tier>: 1 the all-label headline of every model, 2 
     if [ -n "$BOUND" ]; then  # Proposition 1 for SimCLR+Urkle: heads on the bounded loss, the KL term's attacks
       qeval "bound_$u" "$OUT/bound_$u" --checkpoint "$OUT/$u/checkpoint.pt" --name SimCLR+Urkle \
         --eps $EPS --bound "$BOUND" --head-loss bounded --bound-samples 64 --apgd-steps 0 --square-queries 0 \
-        --n-test 500 --no-plots --seed "$s"
+        --n-test "$BOUND_N" --no-plots --seed "$s"
     fi
     if [ -n "$TASKS" ]; then
       for run in "$u" rocl_s$s simclr_s$s; do
@@ -197,6 +208,6 @@ case "$PHASE" in
 esac
 
 if [ "$PHASE" = all ] || [ "$PHASE" = report ]; then
-  "$PY" scripts/cifar10_study_report.py "$OUT" --seeds $SEEDS --out results/cifar10_cpu
+  "$PY" scripts/cifar10_study_report.py "$OUT" --seeds $SEEDS --budgets $BUDGETS --out "$REPORT"
 fi
 cat "$OUT/times.tsv"

@@ -102,15 +102,13 @@ def _settings(out: Path, seeds) -> dict:
 
 def _select(out: Path, seeds) -> list[dict]:
     rows = []
-    for s in seeds:
-        r = _load(out / f"select_s{s}" / "results.json")
-        if r is None:
-            continue
-        chosen = (out / f"select_s{s}" / "chosen.txt").read_text().strip()
-        for name, m in r["models"].items():
-            p = m["tasks"]["class"]["budgets"]["all"]["paths"]
-            rows.append(dict(seed=s, beta=name.split("=")[1], chosen=chosen.startswith(f"urkle_b{name.split('=')[1]}_"),
-                             n=r["settings"]["n_test"], samples=_cell(p, "samples"), z_mu=_cell(p, "mu")))
+    for s, d, r in _found(out, seeds, "select_b*_s{seed}"):
+        chosen = out / f"select_s{s}" / "chosen.txt"
+        name, m = next(iter(r["models"].items()))
+        beta = name.split("=")[1]
+        p = m["tasks"]["class"]["budgets"]["all"]["paths"]
+        rows.append(dict(seed=s, beta=beta, n=r["settings"]["n_test"], samples=_cell(p, "samples"), z_mu=_cell(p, "mu"),
+                         chosen=chosen.is_file() and chosen.read_text().strip() == f"urkle_b{beta}_s{s}"))
     return rows
 
 
@@ -150,8 +148,8 @@ def _times(out: Path) -> dict:
     if f.is_file():
         for line in f.read_text().splitlines():
             parts = line.split("\t")
-            if len(parts) >= 2 and (len(parts) < 3 or parts[2] == "0"):
-                t[parts[0]] = int(parts[1])
+            if len(parts) >= 2:  # a step resumed after an interruption: its tries add up
+                t[parts[0]] = t.get(parts[0], 0) + int(parts[1])
     return t
 
 
@@ -183,7 +181,10 @@ def markdown(summary: dict, budgets: list[str]) -> str:
                   f"z = mu path and classifiers; PGD, APGD-CE, APGD-DLR (EOT {s['eot_iter']}), Square and every "
                   f"z = mu adversary on SimCLR+Urkle's S = {s['samples']} prediction; {s['apgd_steps']} APGD "
                   f"iterations; run as AutoAttack runs it (each attack on the images still right)"
-                  f"{'' if s.get('cascade') else ' [cascade off]'}. Heads: {s['head']} on frozen features.", ""]
+                  f"{'' if s.get('cascade') else ' [cascade off]'}. Representation rows: a {s['head']} head on the "
+                  f"frozen features of all 50,000 / 5000 / 1000 labelled training images. Supervised rows: the "
+                  f"classifier itself, trained on the study's training subset ('all') or on 5000 / 1000 labelled "
+                  f"images for the same number of image-steps.", ""]
     head = ["method", "seed", "labels", "clean", "8/255", "16/255", "paper (clean / 8 / 16, all labels)"]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
@@ -229,7 +230,8 @@ def markdown(summary: dict, budgets: list[str]) -> str:
             lines.append(f"| {t['name']} | {t['seed']} | {_fmt(h['clean'], h['clean_ci'])} | "
                          + " | ".join(_fmt(h["worst"][e], h["worst_ci"][e]) for e in EPS) + " |")
     if summary["times"]:
-        lines += ["", "## Wall times (s, one core each)", "", "| step | s |", "| --- | --- |"]
+        lines += ["", "## Wall times (s, one core each; summed over the tries of a resumed step)", "",
+                  "| step | s |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in summary["times"].items()]
     return "\n".join(lines) + "\n"
 

@@ -42,19 +42,18 @@ def _write(folder: Path, name: str, kind: str, paths: dict, beta=None, budget="a
 def study(tmp_path):
     out = tmp_path / "study"
     det = lambda *a: {"mu": _path(*a), "samples": _path(*a, note="deterministic encoder")}  # noqa: E731
-    sel = out / "select_s0"
-    sel.mkdir(parents=True)
-    sel_models = {f"beta={b}": {"tasks": {"class": {"budgets": {"all": {"paths": {
-        "mu": _path(0.5, w, 0.01), "samples": _path(0.5, w, 0.01)}}}}}} for b, w in (("0.003", 0.2), ("0.01", 0.3))}
-    (sel / "results.json").write_text(json.dumps({"models": sel_models, "settings": {"n_test": 1000}}))
-    (sel / "chosen.txt").write_text("urkle_b0.01_s0\n")
+    for b, w in (("0.003", 0.2), ("0.01", 0.3)):
+        _write(out / f"select_b{b}_s0", f"beta={b}", "representation",
+               {"mu": _path(0.5, w, 0.01), "samples": _path(0.5, w, 0.01)}, beta=float(b))
+    (out / "select_s0").mkdir()
+    (out / "select_s0" / "chosen.txt").write_text("urkle_b0.01_s0\n")
     _write(out / "eval_urkle_b0.01_s0", "SimCLR+Urkle", "representation",
            {"mu": _path(0.55, 0.28, 0.05), "samples": _path(0.56, 0.30, 0.06)}, beta=0.01)
     _write(out / "eval_rocl_s0", "RoCL", "representation", det(0.6, 0.20, 0.02))
     _write(out / "eval_simclr_s0", "SimCLR", "representation", det(0.65, 0.19, 0.0))
     _write(out / "eval_standard_s0", "Standard", "supervised", det(0.7, 0.0, 0.0))
     (out / "eval_at_s0" / "heads").mkdir(parents=True)  # started, never finished
-    (out / "times.tsv").write_text("train_rocl_s0\t600\t0\ntrain_at_s0\t9\t1\n")
+    (out / "times.tsv").write_text("train_rocl_s0\t600\t1\ntrain_at_s0\t9\t0\ntrain_rocl_s0\t50\t0\n")
     return out
 
 
@@ -76,8 +75,8 @@ def test_table_marks_what_did_not_run_and_states_the_ordering(study, tmp_path):
     # 0.30 +- 0.02 vs 0.20 +- 0.02: apart; 0.20 vs 0.19: overlapping
     assert "seed 0, 8/255: SimCLR+Urkle > RoCL; RoCL ≈ SimCLR" in table
     assert table.count("seed 1: not all three representation models are evaluated yet") == 1
-    assert "| 0 | 0.01 | 1000 |" in table and table.count("| yes |") == 1
-    assert "| train_rocl_s0 | 600 |" in table and "train_at_s0" not in table  # a failed step has no time
+    assert "| 0 | 0.01 | 2000 |" in table and table.count("| yes |") == 1
+    assert "| train_rocl_s0 | 650 |" in table and "| train_at_s0 | 9 |" in table  # an interrupted try counts
     assert (tmp_path / "r" / "accuracy_vs_eps.png").stat().st_size > 1000
 
 

@@ -12,7 +12,9 @@
 #           method; LANES trainings at a time, one thread each (the 2 cores).
 #   select  SimCLR+Urkle's beta (BETAS): each model's worst case at 8/255 on the last HOLDOUT images of the
 #           training split (never trained on: TRAIN_SUBSET + HOLDOUT <= 50,000), PGD-20 and APGD-CE on both of
-#           its prediction paths; the best one is the seed's SimCLR+Urkle. The test set is not looked at.
+#           its prediction paths (APGD-DLR too on the S-sample one); the best worst case of the S-sample
+#           prediction is the seed's SimCLR+Urkle (ties: clean accuracy, then the smaller beta). The test set is
+#           not looked at.
 #   eval    each model on N_TEST class-balanced test images at eps 8/255 and 16/255, the reduced AutoAttack
 #           ensemble below run as AutoAttack runs it (--cascade: each attack only on the images every earlier one
 #           left correct: the same per-image worst case); the representation models' linear heads on all /
@@ -21,7 +23,10 @@
 #           task, wall times and the accuracy-vs-eps plot, into REPORT (results/cifar10_cpu/, committed).
 #
 # Every step resumes: a training with --resume if-exists (a killed one continues from its last checkpoint,
-# written every CKPT_EVERY steps), an evaluation is skipped when its results.json exists. Nothing is overwritten.
+# written every CKPT_EVERY steps; Ctrl-C or SIGTERM to the script is passed on, so a training checkpoints),
+# an evaluation is skipped when its results.json exists. A step is evaluated only after its training
+# finished (times.tsv), a step runs in one process at a time (a lock per step), and a failed step is reported
+# while the others go on (the script then exits 1). Nothing is overwritten.
 # Logs: $OUT/logs/ (appended on every resume); wall times (s) and exit status: $OUT/times.tsv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +54,8 @@ BOUND=${BOUND-10}                        # Proposition 1 at this M for SimCLR+Ur
 BOUND_N=${BOUND_N:-500}                  # test images of the Proposition 1 table
 TASKS=${TASKS-"animal_vehicle"}          # the other task of the representation models ("" = skip)
 CKPT_EVERY=${CKPT_EVERY:-20}
+EVAL_SEED=${EVAL_SEED:-0}                # test subset, label subsets, heads and attack draws of every seed's evaluation
+[ "$LANES" -ge 1 ] 2>/dev/null || { echo "LANES must be an integer >= 1, got '$LANES'" >&2; exit 2; }
 mkdir -p "$OUT/logs"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 touch "$OUT/times.tsv"
@@ -58,22 +65,38 @@ COMMON=(--dataset cifar10 --data-root "$DATA_ROOT" --arch resnet18_w16 --batch-s
         --base-lr 0.004 --warmup-epochs 0.5 --pgd-steps "$PGD_STEPS" --threads 1 --num-workers 0 --no-progress
         --log-every 10 --ckpt-every "$CKPT_EVERY" --resume if-exists)
 
-timed() {  # timed <log name> <command...>: log, wall time and exit status
+timed() {  # timed <step> <command...>: log (appended: a resumed step keeps its history), wall time, exit status
   local t0 rc=0; t0=$(date +%s)
-  "${@:2}" >> "$OUT/logs/$1.log" 2>&1 || rc=$?  # appended: a resumed step keeps its history
+  # one copy of a step at a time: a second study started on the same OUT refuses it instead of running it twice
+  exec 9>> "$OUT/logs/$1.lock"
+  if ! flock -n 9; then
+    echo "$1 is running in another process (lock $OUT/logs/$1.lock): not started twice" >&2
+    return 75
+  fi
+  "${@:2}" >> "$OUT/logs/$1.log" 2>&1 || rc=$?
   printf '%s\t%s\t%s\n' "$1" "$(( $(date +%s) - t0 ))" "$rc" >> "$OUT/times.tsv"
   [ "$rc" = 0 ] || echo "$1 failed (exit $rc): $OUT/logs/$1.log" >&2
   return "$rc"
 }
 
-pool() {  # pool <command file>: run its lines LANES at a time; fail when any fails
+finished() {  # finished <step>: its last try ended with exit status 0
+  awk -F'\t' -v s="$1" '$1 == s {rc = $3} END {exit !(rc == "0")}' "$OUT/times.tsv"
+}
+
+FAILED=0
+pool() {  # pool <command file>: run its lines LANES at a time; a failed line is counted, the others go on
   local pids=() line rc=0
+  # an interrupted study stops its steps too (a training checkpoints on SIGTERM; background jobs of a script
+  # ignore Ctrl-C, so it is passed on as SIGTERM), and the next run resumes them
+  trap 'for p in "${pids[@]}"; do pkill -TERM -P "$p"; done; wait; exit 130' INT TERM
   while IFS= read -r line; do
     while [ "$(jobs -rp | wc -l)" -ge "$LANES" ]; do wait -n || rc=1; done
     bash -c "$line" & pids+=($!)
   done < "$1"
   for p in "${pids[@]}"; do wait "$p" || rc=1; done
-  return $rc
+  trap - INT TERM
+  rm -f "$1"
+  [ "$rc" = 0 ] || FAILED=1
 }
 
 # run name | method | flags: the costliest first so that the lanes finish together
@@ -99,13 +122,13 @@ train_stage() {  # train_stage <tier>
   cmds=$(mktemp)
   for s in $SEEDS; do
     while IFS='|' read -r run method extra; do
+      finished "train_$run" && continue
       printf '%q ' timed "train_$run" "$PY" -m urkle_fast.train --method "$method" "${COMMON[@]}" --seed "$s" \
         --out-dir "$OUT/$run" >> "$cmds"
       echo "$extra" >> "$cmds"
     done < <(runs_of_seed "$s" "$1")
   done
   pool "$cmds"
-  rm -f "$cmds"
 }
 
 EVAL=(--dataset cifar10 --data-root "$DATA_ROOT" --num-workers 0 --eot-iter "$EOT" --cascade)
@@ -120,16 +143,17 @@ select_stage() {  # each beta on the held-out images (LANES at a time), then the
   for s in $SEEDS; do
     for b in $BETAS; do
       [ -f "$OUT/select_b${b}_s$s/results.json" ] && continue
+      if ! finished "train_urkle_b${b}_s$s"; then echo "select_b${b}_s$s waits for its training" >&2; continue; fi
       printf '%q ' timed "select_b${b}_s$s" "$PY" -m urkle_fast.eval "${EVAL[@]}" --out "$OUT/select_b${b}_s$s" \
         --checkpoint "$OUT/urkle_b${b}_s$s/checkpoint.pt" --name "beta=$b" --holdout "$HOLDOUT" --eps 0.031372549 \
-        --apgd-steps "$APGD" --apgd-targets 0 --square-queries 0 --no-plots --seed "$s" >> "$cmds"
+        --apgd-steps "$APGD" --apgd-targets 0 --square-queries 0 --no-plots --seed "$EVAL_SEED" >> "$cmds"
       echo >> "$cmds"
     done
   done
   pool "$cmds"
-  rm -f "$cmds"
   for s in $SEEDS; do
     [ -f "$OUT/select_s$s/chosen.txt" ] && continue
+    for b in $BETAS; do [ -f "$OUT/select_b${b}_s$s/results.json" ] || continue 2; done
     mkdir -p "$OUT/select_s$s"
     # the chosen beta: the best worst case of the S-sample prediction at 8/255 on the held-out images (ties: the
     # better clean accuracy, then the smaller beta)
@@ -151,18 +175,23 @@ PYEOF
 eval_stage() {  # eval_stage <tier>: 1 the all-label headline of every model, 2 the label budgets, bound, task
   local cmds s u run m b common
   cmds=$(mktemp)
-  qeval() {  # qeval <log name> <out folder> <eval flags...>: queued unless its results.json exists
+  qeval() {  # qeval <step> <out folder> <training step> <eval flags...>: queued unless done or its model is not
     [ -f "$2/results.json" ] && return 0
+    if ! finished "$3"; then echo "$1 waits for ${3/train_urkle_unchosen_s*/the beta choice}" >&2; return 0; fi
+    set -- "$1" "$2" "${@:4}"
     printf '%q ' timed "$1" "$PY" -m urkle_fast.eval "${EVAL[@]}" --out "$2" "${@:3}" >> "$cmds"
     echo >> "$cmds"
   }
   for s in $SEEDS; do
-    u=$(cat "$OUT/select_s$s/chosen.txt")
-    common=(--eps $EPS --n-test "$N_TEST" --seed "$s" "${ATTACKS[@]}")
+    u=urkle_unchosen_s$s  # its steps wait (as for an unfinished training) until the beta is chosen
+    [ -f "$OUT/select_s$s/chosen.txt" ] && u=$(cat "$OUT/select_s$s/chosen.txt")
+    # every seed is tested on the same images, label subsets and attack draws (--seed $EVAL_SEED): the label-budget
+    # classifiers were trained on that seed's subsets, and the seeds then differ in their training alone
+    common=(--eps $EPS --n-test "$N_TEST" --seed "$EVAL_SEED" "${ATTACKS[@]}")
     if [ "$1" = 1 ]; then  # the costliest first
       for run in "$u" rocl_s$s trades_s$s at_s$s simclr_s$s standard_s$s; do
         m=${run%%_*}
-        qeval "eval_$run" "$OUT/eval_$run" --checkpoint "$OUT/$run/checkpoint.pt" --name "${NAME[$m]}" \
+        qeval "eval_$run" "$OUT/eval_$run" "train_$run" --checkpoint "$OUT/$run/checkpoint.pt" --name "${NAME[$m]}" \
           --label-budgets all "${SWEEP[@]}" "${common[@]}"
       done
       continue
@@ -171,29 +200,28 @@ eval_stage() {  # eval_stage <tier>: 1 the all-label headline of every model, 2 
       [ "$b" = all ] && continue
       for run in "$u" rocl_s$s simclr_s$s; do
         m=${run%%_*}
-        qeval "eval_${run}_$b" "$OUT/eval_${run}_$b" --checkpoint "$OUT/$run/checkpoint.pt" \
+        qeval "eval_${run}_$b" "$OUT/eval_${run}_$b" "train_$run" --checkpoint "$OUT/$run/checkpoint.pt" \
           --name "${NAME[$m]}" --label-budgets "$b" --no-plots "${common[@]}"
       done
       for m in trades at standard; do
-        qeval "eval_${m}_${b}_s$s" "$OUT/eval_${m}_${b}_s$s" --checkpoint "$OUT/${m}_${b}_s$s/checkpoint.pt" \
+        qeval "eval_${m}_${b}_s$s" "$OUT/eval_${m}_${b}_s$s" "train_${m}_${b}_s$s" --checkpoint "$OUT/${m}_${b}_s$s/checkpoint.pt" \
           --name "${NAME[$m]}" --label-budgets "$b" --no-plots "${common[@]}"
       done
     done
     if [ -n "$BOUND" ]; then  # Proposition 1 for SimCLR+Urkle: heads on the bounded loss, the KL term's attacks
-      qeval "bound_$u" "$OUT/bound_$u" --checkpoint "$OUT/$u/checkpoint.pt" --name SimCLR+Urkle \
+      qeval "bound_$u" "$OUT/bound_$u" "train_$u" --checkpoint "$OUT/$u/checkpoint.pt" --name SimCLR+Urkle \
         --eps $EPS --bound "$BOUND" --head-loss bounded --bound-samples 64 --apgd-steps 0 --square-queries 0 \
-        --n-test "$BOUND_N" --no-plots --seed "$s"
+        --n-test "$BOUND_N" --no-plots --seed "$EVAL_SEED"
     fi
     if [ -n "$TASKS" ]; then
       for run in "$u" rocl_s$s simclr_s$s; do
         m=${run%%_*}
-        qeval "tasks_$run" "$OUT/tasks_$run" --checkpoint "$OUT/$run/checkpoint.pt" --name "${NAME[$m]}" \
+        qeval "tasks_$run" "$OUT/tasks_$run" "train_$run" --checkpoint "$OUT/$run/checkpoint.pt" --name "${NAME[$m]}" \
           --tasks $TASKS --label-budgets all --no-plots "${common[@]}"
       done
     fi
   done
   pool "$cmds"
-  rm -f "$cmds"
 }
 
 export -f timed; export OUT PY
@@ -211,3 +239,4 @@ if [ "$PHASE" = all ] || [ "$PHASE" = report ]; then
   "$PY" scripts/cifar10_study_report.py "$OUT" --seeds $SEEDS --budgets $BUDGETS --out "$REPORT"
 fi
 cat "$OUT/times.tsv"
+[ "$FAILED" = 0 ] || { echo "some steps failed: see the messages above and $OUT/logs/" >&2; exit 1; }

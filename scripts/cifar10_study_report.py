@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 EPS = ("0.031372549", "0.062745098")  # 8/255, 16/255 as the study passes them
-PAPER = {"SimCLR+Urkle": (82.31, 42.56, 14.29), "RoCL": (83.71, 40.27, 9.55)}  # SPEC.md, full labels
+PAPER = {"SimCLR+Urkle": (82.31, 42.56, 14.29), "RoCL": (83.71, 40.27, 9.55)}  # docs/PROTOCOL.md, full labels
 REPRESENTATION = ("simclr_urkle", "rocl", "simclr")
 SUPERVISED = ("trades", "at", "standard")
 NAME = {"simclr_urkle": "SimCLR+Urkle", "rocl": "RoCL", "simclr": "SimCLR", "trades": "TRADES", "at": "AT",
@@ -59,7 +59,12 @@ def _run_dirs(out: Path, seed: int, method: str, budget: str) -> Path:
 
 
 def collect(out: Path, seeds: list[int], budgets: list[str]) -> dict:
-    rows = []
+    rows, last_status = [], {}
+    if (out / "times.tsv").is_file():
+        for line in (out / "times.tsv").read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 3:
+                last_status[parts[0]] = parts[2]
     for s in seeds:
         for method in REPRESENTATION + SUPERVISED:
             for b in budgets:
@@ -67,8 +72,10 @@ def collect(out: Path, seeds: list[int], budgets: list[str]) -> dict:
                 r = _load(d / "results.json")
                 row = dict(seed=s, method=method, name=NAME[method], budget=b, folder=str(d))
                 if r is None:
+                    rc = last_status.get(d.name)  # the study names each step's log and folder alike
                     why = ("the held-out beta choice has not run" if d.name == "missing" else
-                           "evaluation not run yet" if not (d / "heads").exists() else "evaluation did not finish")
+                           f"failed (exit {rc}): logs/{d.name}.log" if rc not in (None, "0") else
+                           "evaluation started, not finished" if d.is_dir() else "not run yet")
                     rows.append(dict(row, missing=why))
                     continue
                 e, kind = _entry(r, "class", b)
@@ -189,7 +196,7 @@ def markdown(summary: dict, budgets: list[str]) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         paper = " / ".join(f"{v:.2f}" for v in PAPER[r["name"]]) if r["name"] in PAPER and r["budget"] == "all" \
-            else ("not in SPEC.md" if r["budget"] == "all" else "")
+            else ("not quoted in docs/PROTOCOL.md" if r["budget"] == "all" else "")
         label = r["name"] + (f" (beta {r['config']['beta_robust']:g}, S = {s.get('samples')})"
                              if r["method"] == "simclr_urkle" and "config" in r else "")
         if "missing" in r:

@@ -330,9 +330,9 @@ EVAL_KW = dict(dataset="digits", eps=[0.2], label_budgets=["all", 100], attack_s
                apgd_targets=2)
 
 
-def _eval_worker(rank, world, ckpts, out_dir):
+def _eval_worker(rank, world, ckpts, out_dir, extra=None):
     torch.set_num_threads(1)
-    res = evaluate_checkpoints(ckpts, EvalConfig(out=os.path.join(out_dir, "ev"), **EVAL_KW))
+    res = evaluate_checkpoints(ckpts, EvalConfig(out=os.path.join(out_dir, "ev"), **{**EVAL_KW, **(extra or {})}))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({n: m["budgets"] for n, m in res["models"].items()} | {"sweep": {n: m["sweep"] for n, m in
                                                                               res["models"].items()}}, f)
@@ -371,6 +371,16 @@ def test_two_ranks_evaluate_as_one_process(tmp_path):
         assert s == json.loads(json.dumps(one["SimCLR+Urkle"][b]["paths"]["samples"]))
     assert r0["sweep"]["Standard"] == json.loads(json.dumps(single["models"]["Standard"]["sweep"]))
     assert (tmp_path / "ev" / "table.md").is_file() and (tmp_path / "ev" / "results.json").is_file()
+    # --cascade: every rank picks the same surviving images (the gathered worst case) and attacks its share of
+    # their batches: again exactly the single process's numbers, on every path
+    single = evaluate_checkpoints(ckpts, EvalConfig(out=str(tmp_path / "single_c"), cascade=True, **EVAL_KW))
+    (tmp_path / "c").mkdir()
+    _spawn(_eval_worker, 2, ckpts, str(tmp_path / "c"), {"cascade": True})
+    c0, c1 = (json.loads((tmp_path / "c" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert c0 == c1
+    for name, m in single["models"].items():
+        assert c0[name] == json.loads(json.dumps(m["budgets"])), name
+    assert c0["SimCLR+Urkle"]["all"]["paths"]["samples"]["worst"] != {}
 
 
 def test_empty_shards_predict_and_encode_nothing(standard):

@@ -52,8 +52,9 @@ def study(tmp_path):
     _write(out / "eval_rocl_s0", "RoCL", "representation", det(0.6, 0.20, 0.02))
     _write(out / "eval_simclr_s0", "SimCLR", "representation", det(0.65, 0.19, 0.0))
     _write(out / "eval_standard_s0", "Standard", "supervised", det(0.7, 0.0, 0.0))
-    (out / "eval_at_s0" / "heads").mkdir(parents=True)  # started, never finished
-    (out / "times.tsv").write_text("train_rocl_s0\t600\t1\ntrain_at_s0\t9\t0\ntrain_rocl_s0\t50\t0\n")
+    (out / "eval_at_s0").mkdir(parents=True)  # started (eval makes its --out first), never finished
+    (out / "times.tsv").write_text("train_rocl_s0\t600\t1\ntrain_at_s0\t9\t0\ntrain_rocl_s0\t50\t0\n"
+                                   "eval_trades_s0\t30\t1\n")
     return out
 
 
@@ -65,8 +66,9 @@ def test_table_marks_what_did_not_run_and_states_the_ordering(study, tmp_path):
             json.loads((tmp_path / "r" / "summary.json").read_text())["rows"]}
     # every (method, seed, budget) cell is there: filled, or with the reason it is not
     assert len(rows) == 6 * 2 * 2
-    assert rows[("AT", 0, "all")]["missing"] == "evaluation did not finish"
-    assert rows[("TRADES", 0, "all")]["missing"] == "evaluation not run yet"
+    assert rows[("AT", 0, "all")]["missing"] == "evaluation started, not finished"
+    assert rows[("TRADES", 0, "all")]["missing"] == "failed (exit 1): logs/eval_trades_s0.log"
+    assert rows[("TRADES", 0, "5000")]["missing"] == "not run yet"
     assert rows[("SimCLR+Urkle", 1, "all")]["missing"] == "the held-out beta choice has not run"
     assert rows[("SimCLR+Urkle", 0, "all")]["headline"]["worst"][E8] == 0.30  # the S = 10 path is the headline
     assert rows[("SimCLR+Urkle", 0, "all")]["z_mu"]["worst"][E8] == 0.28

@@ -383,7 +383,9 @@ def _attack_paths(job: _Job, clfs: dict, tag: str, num_classes: int, y: torch.Te
         for e in c.eps:
             ok = worst[path][e] >= 0.5
             out[path]["worst"][str(e)], out[path]["worst_ci"][str(e)] = _acc(ok), _ci(ok)
-            out[path]["redraw_avg"][str(e)] = worst[path][e].mean().item() if len(y) else 0.0
+            # under --cascade an image stops being attacked once most draws are wrong: its share would be that
+            # of the attacks up to then, not of every attack, so none is reported
+            out[path]["redraw_avg"][str(e)] = None if c.cascade else worst[path][e].mean().item() if len(y) else 0.0
     return out
 
 

@@ -43,8 +43,9 @@ def _settings_text(s: dict) -> str:
             f"APGD-DLR needs 3 classes and APGD-T 4: a 2-class task runs without them (its attack columns say which "
             f"ran)."
             + (" Run as AutoAttack runs it (--cascade): each attack only on the images every earlier attack of the "
-               "path left correct, so each attack column is the accuracy left after it and the last equals the worst "
-               "case; the transfer adversaries count in the worst case but get no column."
+               "path left correct, so each attack column is the accuracy left after it (on the S-sample path after "
+               "the z = mu path's adversaries as well, which are scored on it first) and the last equals the worst "
+               "case; no transfer column and no redraw average (an image stops being attacked once fooled)."
                if s.get("cascade") else "")
             + (f" Bounded softmax M = {s['bounded_M']}." if s.get("bounded_M") is not None else ""))
 

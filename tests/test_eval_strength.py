@@ -275,6 +275,20 @@ def test_cascade_attacks_only_the_survivors_and_keeps_the_worst_case(tmp_path, d
     assert "accuracy left after it" in (tmp_path / "cas" / "table.md").read_text()
 
 
+def test_sweep_rows_cover_every_class_of_a_class_sorted_test_subset():
+    """The accuracy-vs-eps sweep takes a seeded random part of the test subset, not its first rows (on
+    CIFAR-10's ImageFolder tree those were airplanes and automobiles only)."""
+    from urkle_fast.eval import sweep_rows
+
+    labels = torch.arange(2000) // 200  # a balanced subset of a class-sorted split
+    rows = sweep_rows(2000, 300, seed=0)
+    assert len(rows) == 300 and len(set(rows.tolist())) == 300 and torch.equal(rows, rows.sort().values)
+    counts = torch.bincount(labels[rows], minlength=10)
+    assert counts.min() >= 15, counts  # every class, roughly 30 each
+    assert torch.equal(rows, sweep_rows(2000, 300, seed=0)) and not torch.equal(rows, sweep_rows(2000, 300, seed=1))
+    assert torch.equal(sweep_rows(50, 500, seed=0), torch.arange(50))
+
+
 def test_heads_are_saved_and_reused(tmp_path, digits, monkeypatch):
     import urkle_fast.eval as ev
 

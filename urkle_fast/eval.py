@@ -260,7 +260,18 @@ def _prepare(models: dict, cfg: EvalConfig, splits: Optional[tuple]) -> _Job:
         if M is not None and classes * math.exp(-M) >= 1:
             raise ValueError(f"{_flag(name)} {M:g}: the bounded softmax needs M > log(C) = {math.log(classes):.3f} "
                              f"for the {classes} classes of {cfg.dataset}")
-    return _Job(cfg, ctx.device, ctx.rank, ctx.world_size, train, x_test, y_test, x_test[:n_sw], y_test[:n_sw])
+    sw = sweep_rows(len(y_test), n_sw, cfg.seed)
+    return _Job(cfg, ctx.device, ctx.rank, ctx.world_size, train, x_test, y_test, x_test[sw], y_test[sw])
+
+
+def sweep_rows(n_test: int, n_sweep: int, seed: int) -> torch.Tensor:
+    """The sweep's rows of the test subset: a seeded random n_sweep of them, in order (the same on every rank).
+    Not the first n_sweep: an ImageFolder split's subset is sorted by class, so its first rows are one or two
+    classes."""
+    if n_sweep >= n_test:
+        return torch.arange(n_test)
+    g = torch.Generator().manual_seed(int(seed) + 104729)
+    return torch.randperm(n_test, generator=g)[:n_sweep].sort().values
 
 
 def _settings(job: _Job) -> dict:

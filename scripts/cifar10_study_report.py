@@ -59,12 +59,8 @@ def _run_dirs(out: Path, seed: int, method: str, budget: str) -> Path:
 
 
 def collect(out: Path, seeds: list[int], budgets: list[str]) -> dict:
-    rows, last_status = [], {}
-    if (out / "times.tsv").is_file():
-        for line in (out / "times.tsv").read_text().splitlines():
-            parts = line.split("\t")
-            if len(parts) >= 3:
-                last_status[parts[0]] = parts[2]
+    rows = []
+    last_status = {step: rc for step, _, rc in _tries(out)}  # the last try of each step
     for s in seeds:
         for method in REPRESENTATION + SUPERVISED:
             for b in budgets:
@@ -148,14 +144,17 @@ def _tasks(out: Path, seeds) -> list[dict]:
     return rows
 
 
-def _times(out: Path) -> dict:
+def _tries(out: Path) -> list[tuple[str, int, str]]:
+    """(step, wall s, exit status) per row of the study's times.tsv, in order."""
     f = out / "times.tsv"
+    rows = [line.split("\t") for line in f.read_text().splitlines()] if f.is_file() else []
+    return [(p[0], int(p[1]), p[2] if len(p) > 2 else "0") for p in rows if len(p) >= 2]
+
+
+def _times(out: Path) -> dict:
     t = {}
-    if f.is_file():
-        for line in f.read_text().splitlines():
-            parts = line.split("\t")
-            if len(parts) >= 2:  # a step resumed after an interruption: its tries add up
-                t[parts[0]] = t.get(parts[0], 0) + int(parts[1])
+    for step, secs, _ in _tries(out):  # a step resumed after an interruption: its tries add up
+        t[step] = t.get(step, 0) + secs
     return t
 
 

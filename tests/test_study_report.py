@@ -52,6 +52,11 @@ def study(tmp_path):
     _write(out / "eval_rocl_s0", "RoCL", "representation", det(0.6, 0.20, 0.02))
     _write(out / "eval_simclr_s0", "SimCLR", "representation", det(0.65, 0.19, 0.0))
     _write(out / "eval_standard_s0", "Standard", "supervised", det(0.7, 0.0, 0.0))
+    # 5000 labels: RoCL ahead of SimCLR+Urkle with overlapping intervals, SimCLR far behind
+    _write(out / "eval_urkle_b0.01_s0_5000", "SimCLR+Urkle", "representation",
+           {"mu": _path(0.5, 0.22, 0.04), "samples": _path(0.5, 0.23, 0.05)}, beta=0.01, budget="5000")
+    _write(out / "eval_rocl_s0_5000", "RoCL", "representation", det(0.55, 0.24, 0.02), budget="5000")
+    _write(out / "eval_simclr_s0_5000", "SimCLR", "representation", det(0.6, 0.01, 0.0), budget="5000")
     (out / "eval_at_s0").mkdir(parents=True)  # started (eval makes its --out first), never finished
     (out / "times.tsv").write_text("train_rocl_s0\t600\t1\ntrain_at_s0\t9\t0\ntrain_rocl_s0\t50\t0\n"
                                    "eval_trades_s0\t30\t1\n")
@@ -66,6 +71,7 @@ def test_table_marks_what_did_not_run_and_states_the_ordering(study, tmp_path):
             json.loads((tmp_path / "r" / "summary.json").read_text())["rows"]}
     # every (method, seed, budget) cell is there: filled, or with the reason it is not
     assert len(rows) == 6 * 2 * 2
+    assert rows[("Standard", 0, "5000")]["missing"] == "not run yet"
     assert rows[("AT", 0, "all")]["missing"] == "evaluation started, not finished"
     assert rows[("TRADES", 0, "all")]["missing"] == "failed (exit 1): logs/eval_trades_s0.log"
     assert rows[("TRADES", 0, "5000")]["missing"] == "not run yet"
@@ -75,11 +81,16 @@ def test_table_marks_what_did_not_run_and_states_the_ordering(study, tmp_path):
     assert "z_mu" not in rows[("RoCL", 0, "all")]  # a deterministic encoder has one prediction
     assert "82.31 / 42.56 / 14.29" in table and "83.71 / 40.27 / 9.55" in table
     # 0.30 +- 0.02 vs 0.20 +- 0.02: apart; 0.20 vs 0.19: overlapping
-    assert "seed 0, 8/255: SimCLR+Urkle > RoCL; RoCL ≈ SimCLR" in table
-    assert table.count("seed 1: not all three representation models are evaluated yet") == 1
+    assert "seed 0, labels all, 8/255: SimCLR+Urkle > RoCL; RoCL ≈ SimCLR" in table
+    assert "seed 0, labels 5000, 8/255: RoCL ≈ SimCLR+Urkle; SimCLR+Urkle > SimCLR" in table
+    assert "seed 0, labels 5000, 16/255: SimCLR+Urkle ≈ RoCL; RoCL ≈ SimCLR" in table
+    assert rows[("RoCL", 0, "5000")]["headline"]["worst"][E8] == 0.24
+    for b in ("all", "5000"):  # once per budget when not evaluated, not once per eps
+        assert table.count(f"seed 1, labels {b}: not all three representation models are evaluated yet") == 1
     assert "| 0 | 0.01 | 2000 |" in table and table.count("| yes |") == 1
     assert "| train_rocl_s0 | 650 |" in table and "| train_at_s0 | 9 |" in table  # an interrupted try counts
     assert (tmp_path / "r" / "accuracy_vs_eps.png").stat().st_size > 1000
+    assert (tmp_path / "r" / "worst_vs_labels.png").stat().st_size > 1000
 
 
 def test_report_refuses_a_missing_study(tmp_path, capsys):

@@ -36,10 +36,34 @@ def _entry(results, task: str, budget: str):
     return t.get("budgets", {}).get(budget), m.get("kind")
 
 
-def _cell(paths: dict, path: str) -> dict:
+def _cell(paths: dict, path: str, fingerprint=None) -> dict:
     r = paths[path]
-    return dict(clean=r["clean"], clean_ci=r["clean_ci"], worst={e: r["worst"].get(e) for e in EPS},
+    cell = dict(clean=r["clean"], clean_ci=r["clean_ci"], worst={e: r["worst"].get(e) for e in EPS},
                 worst_ci={e: r["worst_ci"].get(e) for e in EPS})
+    if fingerprint and "ok_bits" in r:  # per-image results (evaluations since eval.ok_bits): paired comparisons
+        cell["paired"] = dict(fingerprint=fingerprint, bits={e: r["ok_bits"]["worst"].get(e) for e in EPS})
+    return cell
+
+
+def _unpack(bits: str, n: int) -> list[bool]:
+    """eval.unpack_ok without torch: the n images' bits from the hex string."""
+    return [bool(byte >> (7 - i) & 1) for byte in bytes.fromhex(bits) for i in range(8)][:n]
+
+
+def paired_difference(a: list[bool], b: list[bool]) -> tuple[float, float, float, int, int]:
+    """a's accuracy minus b's on the same images, with the Agresti-Min 95% interval for matched proportions
+    (Wald on the 2x2 table with 0.5 added to each cell; Agresti & Min 2005): (difference, low, high, images only a
+    gets right, images only b gets right). Sharper than comparing two unpaired intervals, because the images
+    both models get right (or wrong) cancel."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired images: {len(a)} and {len(b)}")
+    n = len(a)
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    na, nb, m = only_a + 0.5, only_b + 0.5, n + 2
+    d = (na - nb) / m
+    half = 1.959964 * ((na + nb) - (na - nb) ** 2 / m) ** 0.5 / m
+    return (only_a - only_b) / n, d - half, d + half, only_a, only_b
 
 
 def _fmt(v, ci) -> str:
@@ -84,7 +108,8 @@ def collect(out: Path, seeds: list[int], budgets: list[str]) -> dict:
                 row["wall_s"] = next(iter(r["models"].values())).get("wall_s")
                 row["config"] = {k: next(iter(r["models"].values()))["config"].get(k)
                                  for k in ("beta_robust", "train_subset", "epochs", "pgd_steps", "label_budget")}
-                row["headline"] = _cell(paths, "samples" if "note" not in paths["samples"] else "mu")
+                fp = r["settings"].get("test_fingerprint")
+                row["headline"] = _cell(paths, "samples" if "note" not in paths["samples"] else "mu", fp)
                 if "note" not in paths["samples"]:
                     row["z_mu"] = _cell(paths, "mu")
                 rows.append(row)
@@ -160,18 +185,29 @@ def _times(out: Path) -> dict:
 
 
 def _ordering(rows: list[dict], seed: int, eps: str, budget: str = "all") -> str:
-    got = {r["name"]: r["headline"] for r in rows
+    got = {r["name"]: r for r in rows
            if r["seed"] == seed and r["budget"] == budget and "headline" in r and r["method"] in REPRESENTATION}
     if len(got) < 3:
         return f"seed {seed}, labels {budget}: not all three representation models are evaluated yet"
-    order = sorted(got, key=lambda n: -got[n]["worst"][eps])
+    h = {name: r["headline"] for name, r in got.items()}
+    order = sorted(h, key=lambda n: -h[n]["worst"][eps])
     parts = []
     for a, b in zip(order, order[1:]):
-        apart = got[a]["worst_ci"][eps][0] > got[b]["worst_ci"][eps][1]
-        parts.append(f"{a} {'>' if apart else '≈'} {b}")
-    desc = ", ".join(f"{n} {_fmt(got[n]['worst'][eps], got[n]['worst_ci'][eps])}" for n in order)
+        pa, pb = h[a].get("paired"), h[b].get("paired")
+        if pa and pb and pa["fingerprint"] == pb["fingerprint"] and pa["bits"][eps] and pb["bits"][eps]:
+            # the same test images: the interval of the paired difference decides
+            n = got[a]["n_test"]
+            d, lo, hi, only_a, only_b = paired_difference(_unpack(pa["bits"][eps], n), _unpack(pb["bits"][eps], n))
+            parts.append(f"{a} {'>' if lo > 0 else '≈'} {b} (paired, same {n} images: {100 * d:+.1f} "
+                         f"[{100 * lo:+.1f}, {100 * hi:+.1f}] points; {only_a} right only for {a}, {only_b} only "
+                         f"for {b})")
+        else:
+            apart = h[a]["worst_ci"][eps][0] > h[b]["worst_ci"][eps][1]
+            parts.append(f"{a} {'>' if apart else '≈'} {b}")
+    desc = ", ".join(f"{n} {_fmt(h[n]['worst'][eps], h[n]['worst_ci'][eps])}" for n in order)
     return (f"seed {seed}, labels {budget}, {_eps_label(eps)}: " + "; ".join(parts) + f" ({desc}; '>' when the 95% "
-            f"intervals are apart, '≈' when they overlap)")
+            f"interval of the paired difference excludes 0 where both evaluations kept per-image results, else "
+            f"when the two intervals are apart; '≈' otherwise)")
 
 
 def _eps_label(e: str) -> str:
@@ -330,8 +366,14 @@ def main(argv=None) -> int:
     os.makedirs(a.out, exist_ok=True)
     for r in summary["rows"]:
         r.pop("folder", None)
+    # the per-image bits are in the study's results.json files; the committed summary stays small
+    table = markdown(summary, a.budgets)
+    for r in summary["rows"]:
+        for cell in (r.get("headline"), r.get("z_mu")):
+            if cell and cell.pop("paired", None) is not None:
+                cell["per_image"] = True
     Path(a.out, "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    Path(a.out, "table.md").write_text(markdown(summary, a.budgets))
+    Path(a.out, "table.md").write_text(table)
     plot(summary, os.path.join(a.out, "accuracy_vs_eps.png"))
     if len(a.budgets) > 1:
         plot_budgets(summary, a.budgets, os.path.join(a.out, "worst_vs_labels.png"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from urkle_fast.checkpoint import CheckpointError
-from urkle_fast.eval import EvalConfig, cli, evaluate_checkpoints, evaluate_models, load_eval_model, main
+from urkle_fast.eval import (EvalConfig, cli, evaluate_checkpoints, evaluate_models, load_eval_model, main, ok_bits,
+                             subset_fingerprint, unpack_ok)
 from urkle_fast.evaluation.attacks import _apgd_checkpoints, robust_accuracy
 from urkle_fast.evaluation.datasets import load_split
 from tiny_models import TinyStandard
@@ -196,14 +198,36 @@ def test_evaluate_models_writes_table_json_pngs(tmp_path, digits, standard):
     for path in ("samples", "mu"):
         assert set(r["paths"][path]["pgd"]) == {"0.1", "0.2"} and set(r["paths"][path]["apgd"]) == {"0.1", "0.2"}
         assert 0.0 <= r["paths"][path]["clean"] <= 1.0
+        bits = r["paths"][path]["ok_bits"]
+        clean_ok = unpack_ok(bits["clean"], 60)
+        assert clean_ok.float().mean().item() == pytest.approx(r["paths"][path]["clean"])
         for e in ("0.1", "0.2"):  # correct under every attack <= correct under any one
             worst = r["paths"][path]["worst"][e]
             assert worst <= min(r["paths"][path]["pgd"][e], r["paths"][path]["apgd"][e]) + 1e-9
+            # the per-image record behind the worst case (for paired comparisons): its mean is the worst case,
+            # and an image right under every attack is right clean
+            ok = unpack_ok(bits["worst"][e], 60)
+            assert ok.float().mean().item() == pytest.approx(worst) and not (ok & ~clean_ok).any()
+    assert re.fullmatch(r"[0-9a-f]{16}", js["settings"]["test_fingerprint"])
     md = (tmp_path / "table.md").read_text()
     assert "| Standard |" in md and "| Tiny VAE |" in md and "PGD 0.1" in md and "APGD-CE 0.2" in md and "worst 0.1" in md
     assert md.count("## Task digit, labels") == 2  # 2 budgets
     assert res["models"]["Standard"]["budgets"]["all"]["paths"]["samples"]["clean"] > 0.9
     assert all(p.requires_grad for p in standard.parameters())  # the caller's model is left as it was
+
+
+def test_per_image_bits_roundtrip_and_the_fingerprint_names_the_images():
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 8, 13, 2000):  # whole and partial bytes
+        ok = torch.rand(n, generator=g) < 0.3
+        assert torch.equal(unpack_ok(ok_bits(ok), n), ok)
+    x, y = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8, generator=g), torch.arange(5)
+    f = subset_fingerprint(x, y)
+    assert f == subset_fingerprint(x.clone(), y.clone())
+    x2 = x.clone()
+    x2[4, 2, 3, 3] ^= 1  # one pixel of the last image
+    assert subset_fingerprint(x2, y) != f
+    assert subset_fingerprint(x, y.flip(0)) != f  # the order is part of it (bits pair up by position)
 
 
 def test_square_columns_in_the_table(tmp_path, digits, standard):

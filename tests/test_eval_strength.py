@@ -409,6 +409,7 @@ def test_merge_joins_budgets_of_one_model_and_refuses_clashes(tmp_path, digits):
                         splits=digits)
     m = merge([a, b])
     assert set(m["models"]["Standard"]["budgets"]) == {"500", "100"}
+    assert set(a["models"]["Standard"]["budgets"]) == {"500"}  # the inputs are left as they were
     with pytest.raises(ValueError, match="evaluated in two results files"):
         merge([a, a])
     c = evaluate_models({"Standard": (std, {"method": "at"})}, EvalConfig(**kw), splits=digits)
@@ -418,3 +419,9 @@ def test_merge_joins_budgets_of_one_model_and_refuses_clashes(tmp_path, digits):
                         splits=digits)
     with pytest.raises(ValueError, match="attack_steps"):
         merge([a, d])
+    # same settings, other test images (another copy of the data, say): refused by the fingerprint
+    other = dict(b, settings=dict(b["settings"], test_fingerprint="0" * 16))
+    with pytest.raises(ValueError, match="test_fingerprint"):
+        merge([a, other])
+    old = dict(b, settings={k: v for k, v in b["settings"].items() if k != "test_fingerprint"})
+    assert set(merge([a, old])["models"]["Standard"]["budgets"]) == {"500", "100"}  # older results have none

@@ -96,3 +96,48 @@ def test_table_marks_what_did_not_run_and_states_the_ordering(study, tmp_path):
 def test_report_refuses_a_missing_study(tmp_path, capsys):
     assert _report().main([str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_ordering_uses_the_paired_difference_when_both_kept_per_image_results(tmp_path):
+    """Two models on the same 2000 images whose unpaired intervals overlap (14 % vs 12 %), but every image RoCL
+    gets right SimCLR+Urkle gets right too, plus 40 more: the paired interval excludes 0, so '>'. With another
+    test subset's fingerprint the pairing is refused and the unpaired rule ('≈') holds."""
+    import torch
+
+    from urkle_fast.eval import ok_bits, unpack_ok
+
+    rep, n = _report(), 2000
+    urkle, rocl, simclr = (torch.zeros(n, dtype=torch.bool) for _ in range(3))
+    urkle[:280], rocl[:240], simclr[:5] = True, True, True
+
+    def paths(ok, clean, fp):
+        p = _path(clean, ok.float().mean().item(), 0.01, half=0.015)
+        p["ok_bits"] = {"clean": ok_bits(ok), "worst": {E8: ok_bits(ok), E16: ok_bits(ok[:0].new_zeros(n))}}
+        return {"mu": p, "samples": dict(p, note="deterministic encoder")}, fp
+
+    for fp_rocl, expect in (("f" * 16, "SimCLR+Urkle > RoCL (paired, same 2000 images: +2.0 [+1.4, +2.6] points; "
+                                        "40 right only for SimCLR+Urkle, 0 only for RoCL)"),
+                            ("0" * 16, "SimCLR+Urkle ≈ RoCL; RoCL > SimCLR")):
+        out = tmp_path / fp_rocl[0]
+        (out / "select_s0").mkdir(parents=True)
+        (out / "select_s0" / "chosen.txt").write_text("urkle_b0.01_s0\n")
+        for folder, name, ok, fp in (("eval_urkle_b0.01_s0", "SimCLR+Urkle", urkle, "f" * 16),
+                                     ("eval_rocl_s0", "RoCL", rocl, fp_rocl),
+                                     ("eval_simclr_s0", "SimCLR", simclr, "f" * 16)):
+            p, fp = paths(ok, 0.4, fp)
+            _write(out / folder, name, "representation", p, beta=0.01 if "urkle" in folder else None)
+            res = json.loads((out / folder / "results.json").read_text())
+            res["settings"]["test_fingerprint"] = fp
+            (out / folder / "results.json").write_text(json.dumps(res))
+        assert rep.main([str(out), "--seeds", "0", "--budgets", "all", "--out", str(out / "r")]) == 0
+        table = (out / "r" / "table.md").read_text()
+        assert f"seed 0, labels all, 8/255: {expect}" in table, table
+        summary = (out / "r" / "summary.json").read_text()
+        assert "ok_bits" not in summary and "bits" not in summary  # the committed summary stays small
+    # the helper against eval's own packing, and the interval by hand: 40.5 vs 0.5 of 2002 (Agresti-Min)
+    assert rep._unpack(ok_bits(urkle[:13]), 13) == unpack_ok(ok_bits(urkle[:13]), 13).tolist()
+    d, lo, hi, a, b = rep.paired_difference(urkle.tolist(), rocl.tolist())
+    half = 1.959964 * (41 - 40 ** 2 / 2002) ** 0.5 / 2002
+    assert (d, a, b) == (0.02, 40, 0) and lo == pytest.approx(40 / 2002 - half) and hi == pytest.approx(40 / 2002 + half)
+    with pytest.raises(ValueError, match="paired images"):
+        rep.paired_difference([True], [True, False])

@@ -280,7 +280,8 @@ def _settings(job: _Job) -> dict:
                 alpha_desc=("eps/10" if c.alpha is None else f"{c.alpha:g}"), eot_iter=c.eot_iter,
                 apgd_steps=c.apgd_steps, apgd_targets=c.apgd_targets, square_queries=c.square_queries,
                 transfer=c.transfer, redraws=c.redraws, tasks=c.tasks, pgd_restarts=c.pgd_restarts, cascade=c.cascade,
-                n_test=len(job.y_test), sweep_n_test=len(job.y_sw), head=c.head, head_epochs=c.head_epochs,
+                n_test=len(job.y_test), test_fingerprint=subset_fingerprint(job.x_test, job.y_test),
+                sweep_n_test=len(job.y_sw), head=c.head, head_epochs=c.head_epochs,
                 head_lr=c.head_lr, bounded_M=c.bounded_M, seed=c.seed, device=str(job.device), n_train=len(job.train.y),
                 split=f"holdout (the last {c.holdout} training images)" if c.holdout else "test")
 
@@ -333,6 +334,27 @@ def _ci(ok: torch.Tensor) -> list[float]:
     return list(wilson_interval(int(ok.sum()), len(ok)))
 
 
+def ok_bits(ok: torch.Tensor) -> str:
+    """Per-image correctness, 1 bit per test image in the subset's order, as hex: what a paired comparison of two
+    models on the same images needs (``unpack_ok``), 250 bytes for 2000 images."""
+    import numpy as np
+    return np.packbits(ok.detach().cpu().numpy().astype(bool)).tobytes().hex()
+
+
+def unpack_ok(bits: str, n: int) -> torch.Tensor:
+    """``ok_bits``'s inverse: a bool tensor of the n images."""
+    import numpy as np
+    return torch.from_numpy(np.unpackbits(np.frombuffer(bytes.fromhex(bits), dtype=np.uint8))[:n].astype(bool))
+
+
+def subset_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    """The test subset's identity (its pixels and labels, in order): per-image results of two evaluations pair up
+    only when these agree."""
+    h = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes())
+    h.update(y.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _ensemble(c: EvalConfig, stochastic: bool, num_classes: int) -> list[tuple[str, int, dict]]:
     """(attack, steps or queries, extra arguments) of one prediction path: AutoAttack's standard ensemble for a
     deterministic prediction (APGD-CE, APGD-T, Square), its rand version for the S-sample one (APGD-CE and
@@ -362,7 +384,7 @@ def _attack_paths(job: _Job, clfs: dict, tag: str, num_classes: int, y: torch.Te
         clf.reseed(c.seed)
         clean = _scores(job, clf, x, y)
         out[path] = {"clean": _acc(clean["ok"]), "clean_ci": _ci(clean["ok"]), "attacks": [], "worst": {},
-                     "worst_ci": {}, "redraw_avg": {}}
+                     "worst_ci": {}, "redraw_avg": {}, "ok_bits": {"clean": ok_bits(clean["ok"]), "worst": {}}}
         worst[path] = {e: clean["frac"].clone() for e in c.eps}  # a clean mistake is a mistake under any attack
     target = clfs.get("samples") if c.transfer else None
     transfer = {e: torch.ones(len(y)) for e in c.eps}
@@ -394,6 +416,7 @@ def _attack_paths(job: _Job, clfs: dict, tag: str, num_classes: int, y: torch.Te
         for e in c.eps:
             ok = worst[path][e] >= 0.5
             out[path]["worst"][str(e)], out[path]["worst_ci"][str(e)] = _acc(ok), _ci(ok)
+            out[path]["ok_bits"]["worst"][str(e)] = ok_bits(ok)
             # under --cascade an image stops being attacked once most draws are wrong: its share would be that
             # of the attacks up to then, not of every attack, so none is reported
             out[path]["redraw_avg"][str(e)] = None if c.cascade else worst[path][e].mean().item() if len(y) else 0.0

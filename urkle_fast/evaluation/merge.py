@@ -9,6 +9,7 @@ classifiers trained on 5000 and 1000 labels, for example)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -51,10 +52,15 @@ def merge(parts: Sequence[dict], order: Sequence[str] = ()) -> dict:
         differ = [k for k in COMPARABLE if p["settings"].get(k) != first["settings"].get(k)]
         if bool(p["settings"].get("cascade")) != bool(first["settings"].get("cascade")):
             differ.append("cascade (the attack columns mean different things)")
+        # the same n_test and seed draw the same subset of the same files; the fingerprint (pixels and labels) also
+        # catches another copy of the data or another image size (evaluations older than it have none)
+        fp = [q["settings"].get("test_fingerprint") for q in (p, first)]
+        if None not in fp and fp[0] != fp[1]:
+            differ.append("test_fingerprint (not the same test images)")
         if differ:
             raise ValueError(f"cannot merge evaluations whose settings differ: {', '.join(differ)}")
     merged = dict(first, models={}, label_budgets=[], tasks=[])
-    for p in parts:
+    for p in copy.deepcopy(list(parts)):  # _join fills the first file's entries: the caller's dicts stay as they were
         for name, m in p["models"].items():
             if name in merged["models"]:
                 _join(merged["models"][name], m, name)

@@ -29,6 +29,7 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -337,13 +338,11 @@ def _ci(ok: torch.Tensor) -> list[float]:
 def ok_bits(ok: torch.Tensor) -> str:
     """Per-image correctness, 1 bit per test image in the subset's order, as hex: what a paired comparison of two
     models on the same images needs (``unpack_ok``), 250 bytes for 2000 images."""
-    import numpy as np
     return np.packbits(ok.detach().cpu().numpy().astype(bool)).tobytes().hex()
 
 
 def unpack_ok(bits: str, n: int) -> torch.Tensor:
     """``ok_bits``'s inverse: a bool tensor of the n images."""
-    import numpy as np
     return torch.from_numpy(np.unpackbits(np.frombuffer(bytes.fromhex(bits), dtype=np.uint8))[:n].astype(bool))
 
 

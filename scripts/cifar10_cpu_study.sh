@@ -56,6 +56,8 @@ TASKS=${TASKS-"animal_vehicle"}          # the other task of the representation 
 CKPT_EVERY=${CKPT_EVERY:-20}
 EVAL_SEED=${EVAL_SEED:-0}                # test subset, label subsets, heads and attack draws of every seed's evaluation
 [ "$LANES" -ge 1 ] 2>/dev/null || { echo "LANES must be an integer >= 1, got '$LANES'" >&2; exit 2; }
+case "$PHASE" in all|train|select|eval|report) ;;
+  *) echo "PHASE must be all, train, select, eval or report, got '$PHASE'" >&2; exit 2 ;; esac
 mkdir -p "$OUT/logs"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 touch "$OUT/times.tsv"
@@ -225,14 +227,15 @@ eval_stage() {  # eval_stage <tier>: 1 the all-label headline of every model, 2 
 }
 
 export -f timed; export OUT PY
-# in order of what the table needs most: the headline of every seed first, then the label budgets
+# in order of what the table needs most: the headline of every seed first, then the representations' label
+# budgets, Proposition 1 and the task (the ordering the paper claims; the first eval_stage 2 queues those, its
+# supervised budget rows wait for their trainings), then the supervised models of the label budgets
 case "$PHASE" in
-  all) train_stage 1; select_stage; eval_stage 1; train_stage 2; eval_stage 2 ;;
+  all) train_stage 1; select_stage; eval_stage 1; eval_stage 2; train_stage 2; eval_stage 2 ;;
   train) train_stage 1; train_stage 2 ;;
   select) select_stage ;;
   eval) eval_stage 1; eval_stage 2 ;;
   report) ;;
-  *) echo "PHASE must be all, train, select, eval or report, got '$PHASE'" >&2; exit 2 ;;
 esac
 
 if [ "$PHASE" = all ] || [ "$PHASE" = report ]; then

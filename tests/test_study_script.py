@@ -1,0 +1,94 @@
+"""scripts/cifar10_cpu_study.sh end to end, at toy size: every stage (trainings, the held-out beta choice, the
+all-label and label-budget evaluations, Proposition 1, the task, the report) on a small ImageFolder tree of real
+CIFAR-10 JPEGs, then the resume contract: a study stopped after its trainings continues without training again,
+a finished study reruns nothing, and a lost result is redone alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "cifar10_cpu_study.sh"
+
+pytestmark = pytest.mark.slow
+
+
+def _tree(src: Path, dst: Path, n_train: int, n_test: int) -> None:
+    """<dst>/train and /test with the first images of each class (links to the real files, nothing copied)."""
+    for split, n in (("train", n_train), ("test", n_test)):
+        for cls in sorted(p.name for p in (src / split).iterdir()):
+            (dst / split / cls).mkdir(parents=True)
+            for f in sorted((src / split / cls).iterdir())[:n]:
+                (dst / split / cls / f.name).symlink_to(f)
+
+
+def _study(out: Path, data: Path, **env) -> subprocess.CompletedProcess:
+    small = dict(PY=sys.executable, OUT=str(out), REPORT=str(out / "report"), DATA_ROOT=str(data), SEEDS="0",
+                 LANES="2", TRAIN_SUBSET="256", EPOCHS="1", PGD_STEPS="1", BETAS="0.01 0.03", HOLDOUT="64",
+                 N_TEST="40", BUDGETS="all 300", APGD="2", TARGETS="1", SQUARE="8", EOT="1", BOUND="10",
+                 BOUND_N="20", SWEEP_N="20", CKPT_EVERY="1")
+    return subprocess.run(["bash", str(SCRIPT)], env={**os.environ, **small, **env}, capture_output=True,
+                          text=True, timeout=1500)
+
+
+def _steps(out: Path) -> list[str]:
+    return [line.split("\t")[0] for line in (out / "times.tsv").read_text().splitlines()]
+
+
+def test_study_runs_every_stage_and_resumes(tmp_path, data_root):
+    data = tmp_path / "cifar10"
+    _tree(data_root / "cifar10-jpeg", data, n_train=40, n_test=6)
+    out = tmp_path / "study"
+
+    # stopped after the trainings (as an interruption between stages leaves it)
+    r = _study(out, data, PHASE="train")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trained = _steps(out)
+    assert sorted(trained) == sorted(
+        ["train_urkle_b0.01_s0", "train_urkle_b0.03_s0", "train_rocl_s0", "train_trades_s0", "train_at_s0",
+         "train_simclr_s0", "train_standard_s0", "train_trades_300_s0", "train_at_300_s0",
+         "train_standard_300_s0"])
+
+    # the whole study: nothing trains again; every evaluation and the report run
+    r = _study(out, data)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    steps = _steps(out)
+    assert steps[:len(trained)] == trained and not any(s.startswith("train_") for s in steps[len(trained):])
+    chosen = (out / "select_s0" / "chosen.txt").read_text().strip()
+    assert chosen in ("urkle_b0.01_s0", "urkle_b0.03_s0")
+    for d in [f"eval_{chosen}", "eval_rocl_s0", "eval_simclr_s0", "eval_trades_s0", "eval_at_s0",
+              "eval_standard_s0", f"eval_{chosen}_300", "eval_rocl_s0_300", "eval_simclr_s0_300",
+              "eval_trades_300_s0", "eval_at_300_s0", "eval_standard_300_s0", f"bound_{chosen}",
+              f"tasks_{chosen}", "tasks_rocl_s0", "tasks_simclr_s0"]:
+        assert (out / d / "results.json").is_file(), d
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    # every cell of the table is filled: 6 methods x 2 budgets, none missing
+    assert len(summary["rows"]) == 12 and not [r for r in summary["rows"] if "missing" in r]
+    assert {r["budget"] for r in summary["rows"]} == {"all", "300"}
+    assert summary["bound"] and summary["tasks"] and len(summary["select"]) == 2
+    table = (out / "report" / "table.md").read_text()
+    assert "seed 0, labels 300, 8/255:" in table and "(paired, same 40 images:" in table
+    for png in ("accuracy_vs_eps.png", "worst_vs_labels.png"):
+        assert (out / "report" / png).stat().st_size > 1000
+
+    # finished: a rerun runs nothing and rebuilds the same table
+    r = _study(out, data)
+    assert r.returncode == 0 and _steps(out) == steps
+    assert (out / "report" / "table.md").read_text() == table
+
+    # one result lost: only that step runs again
+    (out / "eval_rocl_s0_300" / "results.json").unlink()
+    r = _study(out, data)
+    assert r.returncode == 0 and _steps(out) == steps + ["eval_rocl_s0_300"]
+
+
+def test_study_refuses_a_bad_lane_count_and_phase(tmp_path):
+    for env, msg in (({"LANES": "0"}, "LANES must be an integer >= 1"), ({"PHASE": "nope"}, "PHASE must be")):
+        r = _study(tmp_path / "s", tmp_path, **env)
+        assert r.returncode == 2 and msg in r.stderr

@@ -90,7 +90,8 @@ pool() {  # pool <command file>: run its lines LANES at a time; a failed line is
   local pids=() line rc=0
   # an interrupted study stops its steps too (a training checkpoints on SIGTERM; background jobs of a script
   # ignore Ctrl-C, so it is passed on as SIGTERM), and the next run resumes them
-  trap 'for p in "${pids[@]}"; do pkill -TERM -P "$p"; done; wait; exit 130' INT TERM
+  # (|| true: set -e holds in a trap too, and pkill fails for a line that has already ended)
+  trap 'for p in "${pids[@]}"; do pkill -TERM -P "$p" || true; done; wait || true; exit 130' INT TERM
   while IFS= read -r line; do
     while [ "$(jobs -rp | wc -l)" -ge "$LANES" ]; do wait -n || rc=1; done
     bash -c "$line" & pids+=($!)
@@ -174,8 +175,9 @@ PYEOF
   done
 }
 
-eval_stage() {  # eval_stage <tier>: 1 the all-label headline of every model, 2 the label budgets, bound, task
-  local cmds s u run m b common
+eval_stage() {  # eval_stage <tier> [rep|sup]: 1 the all-label headline of every model; 2 the label budgets,
+  # bound and task (rep: only the representations' rows, bound and task; sup: only the supervised budget rows)
+  local cmds s u run m b common part=${2:-both}
   cmds=$(mktemp)
   qeval() {  # qeval <step> <out folder> <training step> <eval flags...>: queued unless done or its model is not
     [ -f "$2/results.json" ] && return 0
@@ -200,16 +202,17 @@ eval_stage() {  # eval_stage <tier>: 1 the all-label headline of every model, 2 
     fi
     for b in $BUDGETS; do
       [ "$b" = all ] && continue
-      for run in "$u" rocl_s$s simclr_s$s; do
+      [ "$part" = sup ] || for run in "$u" rocl_s$s simclr_s$s; do
         m=${run%%_*}
         qeval "eval_${run}_$b" "$OUT/eval_${run}_$b" "train_$run" --checkpoint "$OUT/$run/checkpoint.pt" \
           --name "${NAME[$m]}" --label-budgets "$b" --no-plots "${common[@]}"
       done
-      for m in trades at standard; do
+      [ "$part" = rep ] || for m in trades at standard; do
         qeval "eval_${m}_${b}_s$s" "$OUT/eval_${m}_${b}_s$s" "train_${m}_${b}_s$s" --checkpoint "$OUT/${m}_${b}_s$s/checkpoint.pt" \
           --name "${NAME[$m]}" --label-budgets "$b" --no-plots "${common[@]}"
       done
     done
+    [ "$part" = sup ] && continue
     if [ -n "$BOUND" ]; then  # Proposition 1 for SimCLR+Urkle: heads on the bounded loss, the KL term's attacks
       qeval "bound_$u" "$OUT/bound_$u" "train_$u" --checkpoint "$OUT/$u/checkpoint.pt" --name SimCLR+Urkle \
         --eps $EPS --bound "$BOUND" --head-loss bounded --bound-samples 64 --apgd-steps 0 --square-queries 0 \
@@ -228,10 +231,10 @@ eval_stage() {  # eval_stage <tier>: 1 the all-label headline of every model, 2 
 
 export -f timed; export OUT PY
 # in order of what the table needs most: the headline of every seed first, then the representations' label
-# budgets, Proposition 1 and the task (the ordering the paper claims; the first eval_stage 2 queues those, its
-# supervised budget rows wait for their trainings), then the supervised models of the label budgets
+# budgets, Proposition 1 and the task (the ordering the paper claims), then the supervised models of the label
+# budgets
 case "$PHASE" in
-  all) train_stage 1; select_stage; eval_stage 1; eval_stage 2; train_stage 2; eval_stage 2 ;;
+  all) train_stage 1; select_stage; eval_stage 1; eval_stage 2 rep; train_stage 2; eval_stage 2 sup ;;
   train) train_stage 1; train_stage 2 ;;
   select) select_stage ;;
   eval) eval_stage 1; eval_stage 2 ;;

@@ -52,7 +52,8 @@ def _unpack(bits: str, n: int) -> list[bool]:
 
 def paired_difference(a: list[bool], b: list[bool]) -> tuple[float, float, float, int, int]:
     """a's accuracy minus b's on the same images, with the Agresti-Min 95% interval for matched proportions
-    (Wald on the 2x2 table with 0.5 added to each cell; Agresti & Min 2005): (difference, low, high, images only a
+    (Wald on the 2x2 table with 0.5 added to each cell, clipped to [-1, 1]; Agresti & Min 2005): (difference, low,
+    high, images only a
     gets right, images only b gets right). Sharper than comparing two unpaired intervals, because the images
     both models get right (or wrong) cancel."""
     if len(a) != len(b) or not a:
@@ -63,7 +64,7 @@ def paired_difference(a: list[bool], b: list[bool]) -> tuple[float, float, float
     na, nb, m = only_a + 0.5, only_b + 0.5, n + 2
     d = (na - nb) / m
     half = 1.959964 * ((na + nb) - (na - nb) ** 2 / m) ** 0.5 / m
-    return (only_a - only_b) / n, d - half, d + half, only_a, only_b
+    return (only_a - only_b) / n, max(-1.0, d - half), min(1.0, d + half), only_a, only_b
 
 
 def _fmt(v, ci) -> str:
@@ -190,6 +191,8 @@ def _ordering(rows: list[dict], seed: int, eps: str, budget: str = "all") -> str
     if len(got) < 3:
         return f"seed {seed}, labels {budget}: not all three representation models are evaluated yet"
     h = {name: r["headline"] for name, r in got.items()}
+    if any(c["worst"][eps] is None or c["worst_ci"][eps] is None for c in h.values()):
+        return f"seed {seed}, labels {budget}, {_eps_label(eps)}: not every model was evaluated at this eps"
     order = sorted(h, key=lambda n: -h[n]["worst"][eps])
     parts = []
     for a, b in zip(order, order[1:]):
@@ -336,7 +339,8 @@ def plot_budgets(summary: dict, budgets: list[str], path: str) -> None:
             hi = [max(0.0, 100 * (h["worst_ci"][e][1] - h["worst"][e])) for _, h in got]
             m = (REPRESENTATION + SUPERVISED).index(method)  # a method keeps its colour, a seed its line style
             ax.errorbar([i for i, _ in got], v, yerr=[lo, hi], color=f"C{m}", linestyle=styles[seed % 4],
-                        marker=markers[m % 6], markersize=5, capsize=3, alpha=0.9, label=f"{NAME[method]} (seed {seed})")
+                        marker=markers[m % 6], markersize=5, capsize=3, alpha=0.9,
+                        label=f"{NAME[method]} (seed {seed})")
         ax.set_xticks(range(len(budgets)))
         ax.set_xticklabels(budgets)
         ax.set_xlabel("labels")

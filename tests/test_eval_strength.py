@@ -425,3 +425,6 @@ def test_merge_joins_budgets_of_one_model_and_refuses_clashes(tmp_path, digits):
         merge([a, other])
     old = dict(b, settings={k: v for k, v in b["settings"].items() if k != "test_fingerprint"})
     assert set(merge([a, old])["models"]["Standard"]["budgets"]) == {"500", "100"}  # older results have none
+    with pytest.raises(ValueError, match="test_fingerprint"):  # each file against every other, not the first only
+        merge([old, a, dict(other, models={"Other": other["models"]["Standard"]})])
+    assert merge([old, a])["settings"]["test_fingerprint"] == a["settings"]["test_fingerprint"]

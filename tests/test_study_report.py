@@ -138,6 +138,20 @@ def test_ordering_uses_the_paired_difference_when_both_kept_per_image_results(tm
     assert rep._unpack(ok_bits(urkle[:13]), 13) == unpack_ok(ok_bits(urkle[:13]), 13).tolist()
     d, lo, hi, a, b = rep.paired_difference(urkle.tolist(), rocl.tolist())
     half = 1.959964 * (41 - 40 ** 2 / 2002) ** 0.5 / 2002
-    assert (d, a, b) == (0.02, 40, 0) and lo == pytest.approx(40 / 2002 - half) and hi == pytest.approx(40 / 2002 + half)
+    assert (d, a, b) == (0.02, 40, 0)
+    assert lo == pytest.approx(40 / 2002 - half) and hi == pytest.approx(40 / 2002 + half)
     with pytest.raises(ValueError, match="paired images"):
         rep.paired_difference([True], [True, False])
+    d, lo, hi, _, _ = rep.paired_difference([True] * 3, [False] * 3)  # few images: the interval stays in [-1, 1]
+    assert d == 1.0 and 0 < lo < 1 and hi == 1.0
+
+
+def test_ordering_says_so_when_a_model_was_not_evaluated_at_an_eps():
+    rep = _report()
+    rows = [dict(seed=0, budget="all", method=m, name=n, n_test=2000,
+                 headline=rep._cell({"mu": _path(0.5, w, 0.1)}, "mu"))
+            for m, n, w in (("simclr_urkle", "SimCLR+Urkle", 0.3), ("rocl", "RoCL", 0.2), ("simclr", "SimCLR", 0.0))]
+    del rows[1]["headline"]["worst"][E16]
+    rows[1]["headline"]["worst"][E16] = None
+    assert rep._ordering(rows, 0, E16) == "seed 0, labels all, 16/255: not every model was evaluated at this eps"
+    assert rep._ordering(rows, 0, E8).startswith("seed 0, labels all, 8/255: SimCLR+Urkle > RoCL; RoCL > SimCLR")

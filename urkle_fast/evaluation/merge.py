@@ -44,6 +44,7 @@ def _join(into: dict, other: dict, name: str) -> None:
 def merge(parts: Sequence[dict], order: Sequence[str] = ()) -> dict:
     if not parts:
         raise ValueError("nothing to merge: give at least one results.json")
+    parts = copy.deepcopy(list(parts))  # _join fills the first file's entries: the caller's dicts stay as they were
     first = parts[0]
     for p in parts[1:]:
         if (p["dataset"], p["eps_list"]) != (first["dataset"], first["eps_list"]):
@@ -52,15 +53,18 @@ def merge(parts: Sequence[dict], order: Sequence[str] = ()) -> dict:
         differ = [k for k in COMPARABLE if p["settings"].get(k) != first["settings"].get(k)]
         if bool(p["settings"].get("cascade")) != bool(first["settings"].get("cascade")):
             differ.append("cascade (the attack columns mean different things)")
-        # the same n_test and seed draw the same subset of the same files; the fingerprint (pixels and labels) also
-        # catches another copy of the data or another image size (evaluations older than it have none)
-        fp = [q["settings"].get("test_fingerprint") for q in (p, first)]
-        if None not in fp and fp[0] != fp[1]:
-            differ.append("test_fingerprint (not the same test images)")
         if differ:
             raise ValueError(f"cannot merge evaluations whose settings differ: {', '.join(differ)}")
+    # the same n_test and seed draw the same subset of the same files; the fingerprint (pixels and labels) also
+    # catches another copy of the data or another image size (evaluations older than it have none)
+    prints = {p["settings"].get("test_fingerprint") for p in parts} - {None}
+    if len(prints) > 1:
+        raise ValueError(f"cannot merge evaluations whose settings differ: test_fingerprint (not the same test "
+                         f"images: {', '.join(sorted(prints))})")
     merged = dict(first, models={}, label_budgets=[], tasks=[])
-    for p in copy.deepcopy(list(parts)):  # _join fills the first file's entries: the caller's dicts stay as they were
+    if prints:
+        merged["settings"] = dict(first["settings"], test_fingerprint=prints.pop())
+    for p in parts:
         for name, m in p["models"].items():
             if name in merged["models"]:
                 _join(merged["models"][name], m, name)

@@ -19,7 +19,8 @@ KL adversaries and the clean image, per image the largest loss. The attacks only
 maxima, so the aggregate comparison depends on their strength; the per-example inequality does not (it
 holds for every x'). It is checked for every adversary on its middle term, E_{z~p(z|x')}[-log p~(y|z)]
 <= term1(x) + M sqrt(KL / 2): both sides are sample means over z, so a violation beyond 3 Monte-Carlo
-standard errors of their difference is a bug, not a weak attack (the LHS estimate is below the middle one
+standard errors of their difference is a bug, not a weak attack, unless it is one of the few that chance
+gives over many checks (about 0.13% of them at 3 standard errors; the LHS estimate is below the middle one
 on the same draws by Jensen).
 A bound is vacuous when RHS >= M (every bounded loss is at most M anyway).
 """

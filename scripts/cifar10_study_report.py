@@ -283,6 +283,13 @@ def markdown(summary: dict, budgets: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _style(method: str, seed: int) -> dict:
+    """One look per row in every plot: a method keeps its colour and marker, a seed its line style."""
+    m = (REPRESENTATION + SUPERVISED).index(method)
+    return dict(color=f"C{m}", linestyle=["-", "--", ":", "-."][seed % 4], marker="os^DvP"[m % 6], markersize=5,
+                capsize=3, alpha=0.9)
+
+
 def plot(summary: dict, path: str) -> None:
     """Accuracy against eps per method (all labels): clean, then the worst case over every attack at 8/255 and
     16/255, each with its 95% interval. (Not eval's PGD sweep: on an ImageFolder test set its first
@@ -292,7 +299,6 @@ def plot(summary: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    styles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "D", "v", "P"]
     for r in summary["rows"]:
         if r["budget"] != "all" or "headline" not in r:
             continue
@@ -301,9 +307,7 @@ def plot(summary: dict, path: str) -> None:
         # Wilson bounds of 0 % or 100 % can sit a rounding error past the point: clipped at 0
         ax.errorbar([0] + [255 * float(e) for e in EPS], [100 * v for v, _ in pts],
                     yerr=[[max(0.0, 100 * (v - ci[0])) for v, ci in pts], [max(0.0, 100 * (ci[1] - v)) for v, ci in pts]],
-                    color=f"C{(REPRESENTATION + SUPERVISED).index(r['method'])}", linestyle=styles[r["seed"] % 4],
-                    marker=markers[(REPRESENTATION + SUPERVISED).index(r["method"]) % 6], markersize=5, capsize=3,
-                    alpha=0.9, label=f"{r['name']} (seed {r['seed']})")
+                    label=f"{r['name']} (seed {r['seed']})", **_style(r["method"], r["seed"]))
     ax.set_xlabel("l_inf eps (x 1/255)")
     ax.set_ylabel("accuracy (%)")
     ax.set_xticks([0] + [255 * float(e) for e in EPS])
@@ -324,7 +328,6 @@ def plot_budgets(summary: dict, budgets: list[str], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(EPS), figsize=(9, 3.8), dpi=120, sharey=False)
-    styles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "D", "v", "P"]
     series = sorted({(r["method"], r["seed"]) for r in summary["rows"]},
                     key=lambda m: ((REPRESENTATION + SUPERVISED).index(m[0]), m[1]))
     for ax, e in zip(axes, EPS):
@@ -337,10 +340,8 @@ def plot_budgets(summary: dict, budgets: list[str], path: str) -> None:
             v = [100 * h["worst"][e] for _, h in got]
             lo = [max(0.0, 100 * (h["worst"][e] - h["worst_ci"][e][0])) for _, h in got]
             hi = [max(0.0, 100 * (h["worst_ci"][e][1] - h["worst"][e])) for _, h in got]
-            m = (REPRESENTATION + SUPERVISED).index(method)  # a method keeps its colour, a seed its line style
-            ax.errorbar([i for i, _ in got], v, yerr=[lo, hi], color=f"C{m}", linestyle=styles[seed % 4],
-                        marker=markers[m % 6], markersize=5, capsize=3, alpha=0.9,
-                        label=f"{NAME[method]} (seed {seed})")
+            ax.errorbar([i for i, _ in got], v, yerr=[lo, hi], label=f"{NAME[method]} (seed {seed})",
+                        **_style(method, seed))
         ax.set_xticks(range(len(budgets)))
         ax.set_xticklabels(budgets)
         ax.set_xlabel("labels")

@@ -192,8 +192,8 @@ eval_stage() {  # eval_stage <tier> [rep|sup]: 1 the all-label headline of every
     # every seed is tested on the same images, label subsets and attack draws (--seed $EVAL_SEED): the label-budget
     # classifiers were trained on that seed's subsets, and the seeds then differ in their training alone
     common=(--eps $EPS --n-test "$N_TEST" --seed "$EVAL_SEED" "${ATTACKS[@]}")
-    if [ "$1" = 1 ]; then  # the costliest first
-      for run in "$u" rocl_s$s trades_s$s at_s$s simclr_s$s standard_s$s; do
+    if [ "$1" = 1 ]; then  # the three rows of the paper's ordering first (costliest first), then the supervised ones
+      for run in "$u" rocl_s$s simclr_s$s trades_s$s at_s$s standard_s$s; do
         m=${run%%_*}
         qeval "eval_$run" "$OUT/eval_$run" "train_$run" --checkpoint "$OUT/$run/checkpoint.pt" --name "${NAME[$m]}" \
           --label-budgets all "${SWEEP[@]}" "${common[@]}"

@@ -185,32 +185,89 @@ def _times(out: Path) -> dict:
     return t
 
 
+def newcombe_difference(p1: float, ci1, p2: float, ci2) -> tuple[float, float, float]:
+    """p1 - p2 for two proportions measured on different images (or by evaluations without per-image results),
+    with Newcombe's hybrid score 95% interval built from their two Wilson intervals (Newcombe 1998, method 10),
+    clipped to [-1, 1]. Sharper than asking whether the two intervals are apart, which is a test at about the
+    0.5% level rather than 5%."""
+    d = p1 - p2
+    lo = d - ((p1 - ci1[0]) ** 2 + (ci2[1] - p2) ** 2) ** 0.5
+    hi = d + ((ci1[1] - p1) ** 2 + (p2 - ci2[0]) ** 2) ** 0.5
+    return d, max(-1.0, lo), min(1.0, hi)
+
+
+def _compare(ra: dict, rb: dict, eps: str) -> dict:
+    """Row a's worst case minus row b's at eps with its 95% interval: paired (Agresti-Min) when both evaluations
+    kept per-image results on the same test images (the same fingerprint), else Newcombe's from the two Wilson
+    intervals."""
+    ha, hb = ra["headline"], rb["headline"]
+    pa, pb = ha.get("paired"), hb.get("paired")
+    if pa and pb and pa["fingerprint"] == pb["fingerprint"] and pa["bits"][eps] and pb["bits"][eps]:
+        n = ra["n_test"]
+        d, lo, hi, only_a, only_b = paired_difference(_unpack(pa["bits"][eps], n), _unpack(pb["bits"][eps], n))
+        return dict(d=d, lo=lo, hi=hi, paired=True, n=n, only_a=only_a, only_b=only_b)
+    d, lo, hi = newcombe_difference(ha["worst"][eps], ha["worst_ci"][eps], hb["worst"][eps], hb["worst_ci"][eps])
+    return dict(d=d, lo=lo, hi=hi, paired=False)
+
+
+def _diff(c: dict) -> str:
+    return f"{100 * c['d']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]"
+
+
+def _representations(rows: list[dict], seed: int, budget: str) -> dict:
+    return {r["name"]: r for r in rows
+            if r["seed"] == seed and r["budget"] == budget and "headline" in r and r["method"] in REPRESENTATION}
+
+
+def _evaluated_at(got: dict, eps: str) -> bool:
+    return all(r["headline"]["worst"][eps] is not None and r["headline"]["worst_ci"][eps] is not None
+               for r in got.values())
+
+
 def _ordering(rows: list[dict], seed: int, eps: str, budget: str = "all") -> str:
-    got = {r["name"]: r for r in rows
-           if r["seed"] == seed and r["budget"] == budget and "headline" in r and r["method"] in REPRESENTATION}
+    got = _representations(rows, seed, budget)
     if len(got) < 3:
         return f"seed {seed}, labels {budget}: not all three representation models are evaluated yet"
-    h = {name: r["headline"] for name, r in got.items()}
-    if any(c["worst"][eps] is None or c["worst_ci"][eps] is None for c in h.values()):
+    if not _evaluated_at(got, eps):
         return f"seed {seed}, labels {budget}, {_eps_label(eps)}: not every model was evaluated at this eps"
+    h = {name: r["headline"] for name, r in got.items()}
     order = sorted(h, key=lambda n: -h[n]["worst"][eps])
     parts = []
     for a, b in zip(order, order[1:]):
-        pa, pb = h[a].get("paired"), h[b].get("paired")
-        if pa and pb and pa["fingerprint"] == pb["fingerprint"] and pa["bits"][eps] and pb["bits"][eps]:
-            # the same test images: the interval of the paired difference decides
-            n = got[a]["n_test"]
-            d, lo, hi, only_a, only_b = paired_difference(_unpack(pa["bits"][eps], n), _unpack(pb["bits"][eps], n))
-            parts.append(f"{a} {'>' if lo > 0 else '≈'} {b} (paired, same {n} images: {100 * d:+.1f} "
-                         f"[{100 * lo:+.1f}, {100 * hi:+.1f}] points; {only_a} right only for {a}, {only_b} only "
-                         f"for {b})")
-        else:
-            apart = h[a]["worst_ci"][eps][0] > h[b]["worst_ci"][eps][1]
-            parts.append(f"{a} {'>' if apart else '≈'} {b}")
+        c = _compare(got[a], got[b], eps)
+        how = (f"paired, same {c['n']} images: {_diff(c)} points; {c['only_a']} right only for {a}, {c['only_b']} "
+               f"only for {b}" if c["paired"] else f"unpaired: {_diff(c)} points")
+        parts.append(f"{a} {'>' if c['lo'] > 0 else '≈'} {b} ({how})")
     desc = ", ".join(f"{n} {_fmt(h[n]['worst'][eps], h[n]['worst_ci'][eps])}" for n in order)
     return (f"seed {seed}, labels {budget}, {_eps_label(eps)}: " + "; ".join(parts) + f" ({desc}; '>' when the 95% "
-            f"interval of the paired difference excludes 0 where both evaluations kept per-image results, else "
-            f"when the two intervals are apart; '≈' otherwise)")
+            f"interval of the difference excludes 0: paired where both evaluations kept per-image results, else "
+            f"Newcombe's from the two Wilson intervals; '≈' otherwise)")
+
+
+# the paper's claim, SimCLR << RoCL <= SimCLR+Urkle, as two differences
+CLAIM = (("SimCLR+Urkle", "RoCL"), ("RoCL", "SimCLR"))
+
+
+def _across_seeds(rows: list[dict], seeds: list[int], eps: str, budget: str) -> str:
+    """Each claimed difference in every seed that has all three representations at this budget and eps, and
+    whether the seeds agree. One seed's interval is test-sampling noise only; the spread between seeds adds the
+    training's."""
+    per_seed = {s: got for s in seeds
+                if len(got := _representations(rows, s, budget)) == 3 and _evaluated_at(got, eps)}
+    head = f"labels {budget}, {_eps_label(eps)}"
+    if len(per_seed) < 2:
+        return f"{head}: {len(per_seed)} seed(s) with all three representations evaluated; needs 2"
+    parts = []
+    for a, b in CLAIM:
+        cs = {s: _compare(got[a], got[b], eps) for s, got in per_seed.items()}
+        each = ", ".join(f"seed {s} {_diff(c)}{'' if c['paired'] else ' unpaired'}" for s, c in cs.items())
+        verdicts = {">" if c["lo"] > 0 else "<" if c["hi"] < 0 else "≈" for c in cs.values()}
+        mean = sum(c["d"] for c in cs.values()) / len(cs)
+        agree = (f"'{verdicts.pop()}' in every seed" if len(verdicts) == 1 else
+                 "the seeds disagree (" + ", ".join(f"seed {s} '{'>' if c['lo'] > 0 else '<' if c['hi'] < 0 else '≈'}'"
+                                                    for s, c in cs.items()) + ")")
+        parts.append(f"{a} - {b}: {each}; mean {100 * mean:+.1f} points; {agree}")
+    return f"{head}: " + "; ".join(parts)
 
 
 def _eps_label(e: str) -> str:
@@ -252,6 +309,11 @@ def markdown(summary: dict, budgets: list[str]) -> str:
     for seed in sorted({r["seed"] for r in rows}):
         for b in budgets:
             lines += list(dict.fromkeys(f"- {_ordering(rows, seed, e, b)}" for e in EPS))  # once when not evaluated
+    seeds = sorted({r["seed"] for r in rows})
+    if len(seeds) > 1:
+        lines += ["", "## Across seeds (each seed's difference in points with its 95% interval; '>' when it excludes "
+                  "0; one seed's interval holds the test images' noise, the spread between seeds the training's)", ""]
+        lines += [f"- {_across_seeds(rows, seeds, e, b)}" for b in budgets for e in EPS]
     if summary["select"]:
         lines += ["", "## SimCLR+Urkle's beta, chosen on held-out training images (worst case at 8/255)", "",
                   "| seed | beta | n | S = 10 clean | S = 10 worst 8/255 | z = mu worst 8/255 | chosen |",

@@ -80,10 +80,15 @@ def test_table_marks_what_did_not_run_and_states_the_ordering(study, tmp_path):
     assert rows[("SimCLR+Urkle", 0, "all")]["z_mu"]["worst"][E8] == 0.28
     assert "z_mu" not in rows[("RoCL", 0, "all")]  # a deterministic encoder has one prediction
     assert "82.31 / 42.56 / 14.29" in table and "83.71 / 40.27 / 9.55" in table
-    # 0.30 +- 0.02 vs 0.20 +- 0.02: apart; 0.20 vs 0.19: overlapping
-    assert "seed 0, labels all, 8/255: SimCLR+Urkle > RoCL; RoCL ≈ SimCLR" in table
-    assert "seed 0, labels 5000, 8/255: RoCL ≈ SimCLR+Urkle; SimCLR+Urkle > SimCLR" in table
-    assert "seed 0, labels 5000, 16/255: SimCLR+Urkle ≈ RoCL; RoCL ≈ SimCLR" in table
+    # no per-image results: Newcombe's interval from the two Wilson intervals, e.g. 0.30 - 0.20 +- sqrt(2) 0.02
+    assert ("seed 0, labels all, 8/255: SimCLR+Urkle > RoCL (unpaired: +10.0 [+7.2, +12.8] points); RoCL ≈ SimCLR "
+            "(unpaired: +1.0 [-1.8, +3.8] points)") in table
+    assert ("seed 0, labels 5000, 8/255: RoCL ≈ SimCLR+Urkle (unpaired: +1.0 [-1.8, +3.8] points); SimCLR+Urkle > "
+            "SimCLR") in table
+    # 0.05 [0.03, 0.07] against 0.02 [0.00, 0.04]: the intervals overlap, yet the difference's interval excludes 0
+    assert ("seed 0, labels 5000, 16/255: SimCLR+Urkle > RoCL (unpaired: +3.0 [+0.2, +5.8] points); RoCL ≈ SimCLR "
+            "(unpaired: +2.0 [-0.8, +4.8] points)") in table
+    assert "## Across seeds" in table and "labels all, 8/255: 1 seed(s) with all three representations" in table
     assert rows[("RoCL", 0, "5000")]["headline"]["worst"][E8] == 0.24
     for b in ("all", "5000"):  # once per budget when not evaluated, not once per eps
         assert table.count(f"seed 1, labels {b}: not all three representation models are evaluated yet") == 1
@@ -117,7 +122,8 @@ def test_ordering_uses_the_paired_difference_when_both_kept_per_image_results(tm
 
     for fp_rocl, expect in (("f" * 16, "SimCLR+Urkle > RoCL (paired, same 2000 images: +2.0 [+1.4, +2.6] points; "
                                         "40 right only for SimCLR+Urkle, 0 only for RoCL)"),
-                            ("0" * 16, "SimCLR+Urkle ≈ RoCL; RoCL > SimCLR")):
+                            ("0" * 16, "SimCLR+Urkle ≈ RoCL (unpaired: +2.0 [-0.1, +4.1] points); RoCL > SimCLR "
+                                       "(unpaired")):
         out = tmp_path / fp_rocl[0]
         (out / "select_s0").mkdir(parents=True)
         (out / "select_s0" / "chosen.txt").write_text("urkle_b0.01_s0\n")
@@ -154,4 +160,39 @@ def test_ordering_says_so_when_a_model_was_not_evaluated_at_an_eps():
     del rows[1]["headline"]["worst"][E16]
     rows[1]["headline"]["worst"][E16] = None
     assert rep._ordering(rows, 0, E16) == "seed 0, labels all, 16/255: not every model was evaluated at this eps"
-    assert rep._ordering(rows, 0, E8).startswith("seed 0, labels all, 8/255: SimCLR+Urkle > RoCL; RoCL > SimCLR")
+    assert rep._ordering(rows, 0, E8).startswith("seed 0, labels all, 8/255: SimCLR+Urkle > RoCL (unpaired: +10.0 "
+                                                 "[+7.2, +12.8] points); RoCL > SimCLR (unpaired: +20.0")
+    assert rep._across_seeds(rows, [0, 1], E16, "all") == \
+        "labels all, 16/255: 0 seed(s) with all three representations evaluated; needs 2"
+
+
+def test_newcombe_interval_matches_the_published_examples():
+    """Newcombe (1998), Stat. Med. 17:873, Table II, method 10 (the hybrid score interval from Wilson's)."""
+    from urkle_fast.evaluation.attacks import wilson_interval
+
+    rep = _report()
+    for (a, n, b, m), (lo, hi) in (((56, 70, 48, 80), (0.0524, 0.3339)), ((9, 10, 3, 10), (0.1705, 0.8090))):
+        d, got_lo, got_hi = rep.newcombe_difference(a / n, wilson_interval(a, n), b / m, wilson_interval(b, m))
+        assert d == pytest.approx(a / n - b / m)
+        assert (got_lo, got_hi) == (pytest.approx(lo, abs=5e-5), pytest.approx(hi, abs=5e-5))
+
+
+def test_across_seeds_says_whether_every_seed_agrees():
+    """Two seeds: SimCLR+Urkle ahead of RoCL in both at 8/255; at 16/255 ahead in seed 0, behind in seed 1."""
+    rep = _report()
+    worst = {0: {"SimCLR+Urkle": (0.30, 0.10), "RoCL": (0.20, 0.02), "SimCLR": (0.0, 0.0)},
+             1: {"SimCLR+Urkle": (0.28, 0.02), "RoCL": (0.20, 0.10), "SimCLR": (0.01, 0.0)}}
+    method = {"SimCLR+Urkle": "simclr_urkle", "RoCL": "rocl", "SimCLR": "simclr"}
+    rows = [dict(seed=s, budget="all", method=method[n], name=n, n_test=2000,
+                 headline=rep._cell({"mu": _path(0.5, w8, w16)}, "mu"))
+            for s, got in worst.items() for n, (w8, w16) in got.items()]
+    line8 = rep._across_seeds(rows, [0, 1], E8, "all")
+    assert line8.startswith("labels all, 8/255: SimCLR+Urkle - RoCL: seed 0 +10.0 [+7.2, +12.8] unpaired, seed 1 "
+                            "+8.0 [+5.2, +10.8] unpaired; mean +9.0 points; '>' in every seed; RoCL - SimCLR:")
+    line16 = rep._across_seeds(rows, [0, 1], E16, "all")
+    assert "SimCLR+Urkle - RoCL: seed 0 +8.0 [+5.2, +10.8] unpaired, seed 1 -8.0 [-10.8, -5.2] unpaired; mean " \
+        "+0.0 points; the seeds disagree (seed 0 '>', seed 1 '<')" in line16
+    table = rep.markdown(dict(rows=rows, settings={}, select=[], bound=[], tasks=[], times={}), ["all"])
+    assert f"- {line8}" in table and f"- {line16}" in table
+    one_seed = rep.markdown(dict(rows=rows[:3], settings={}, select=[], bound=[], tasks=[], times={}), ["all"])
+    assert "## Across seeds" not in one_seed

@@ -1,7 +1,7 @@
 """The CIFAR-10 CPU study's report (scripts/cifar10_cpu_study.sh, stage "report"): the paper's Table 2 layout
 (clean / 8/255 / 16/255 per label budget, worst case over every attack with 95% Wilson intervals, beside the
 paper's numbers), the held-out beta choice, the ordering of SimCLR, RoCL and SimCLR+Urkle, Proposition 1, the
-animal-vs-vehicle task, wall times, and accuracy against eps as a picture.
+animal-vs-vehicle task, training speed, wall times, and accuracy against eps as a picture.
 
     python scripts/cifar10_study_report.py runs/cifar10_cpu --seeds 0 1 --out results/cifar10_cpu
 
@@ -115,7 +115,7 @@ def collect(out: Path, seeds: list[int], budgets: list[str]) -> dict:
                     row["z_mu"] = _cell(paths, "mu")
                 rows.append(row)
     return dict(rows=rows, settings=_settings(out, seeds), select=_select(out, seeds), bound=_bound(out, seeds),
-                tasks=_tasks(out, seeds), times=_times(out))
+                tasks=_tasks(out, seeds), times=_times(out), speed=_speed(out, seeds))
 
 
 def _settings(out: Path, seeds) -> dict:
@@ -168,6 +168,25 @@ def _tasks(out: Path, seeds) -> list[dict]:
                 p = e["paths"]
                 rows.append(dict(seed=s, name=name, task=task,
                                  headline=_cell(p, "samples" if "note" not in p["samples"] else "mu")))
+    return rows
+
+
+def _speed(out: Path, seeds) -> list[dict]:
+    """Each training's median images/s over the steps its log (metrics.jsonl) recorded: the training step's
+    measured cost, one thread, while the study's other lanes shared the cores."""
+    import statistics
+
+    rows = []
+    for s in seeds:
+        for d in sorted(out.glob(f"*_s{s}")):
+            cfg, log = _load(d / "config.json"), d / "metrics.jsonl"
+            if cfg is None or not log.is_file():
+                continue
+            v = [x for line in log.read_text().splitlines() if line.strip()
+                 if (x := json.loads(line).get("img_per_s"))]
+            if v:
+                rows.append(dict(seed=s, run=d.name, method=cfg["method"], arch=cfg["arch"],
+                                 pgd_steps=cfg["pgd_steps"], img_per_s=statistics.median(v), logged=len(v)))
     return rows
 
 
@@ -338,6 +357,11 @@ def markdown(summary: dict, budgets: list[str]) -> str:
             h = t["headline"]
             lines.append(f"| {t['name']} | {t['seed']} | {_fmt(h['clean'], h['clean_ci'])} | "
                          + " | ".join(_fmt(h["worst"][e], h["worst_ci"][e]) for e in EPS) + " |")
+    if summary.get("speed"):
+        lines += ["", "## Training speed (median images/s over each training's logged steps, one thread)", "",
+                  "| run | method | encoder | PGD steps | img/s | logged steps |", "| --- | --- | --- | --- | ---: | ---: |"]
+        lines += [f"| {r['run']} | {r['method']} | {r['arch']} | {r['pgd_steps']} | {r['img_per_s']:.1f} | "
+                  f"{r['logged']} |" for r in summary["speed"]]
     if summary["times"]:
         lines += ["", "## Wall times (s, one core each; summed over the tries of a resumed step)", "",
                   "| step | s |", "| --- | --- |"]

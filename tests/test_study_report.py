@@ -58,6 +58,11 @@ def study(tmp_path):
     _write(out / "eval_rocl_s0_5000", "RoCL", "representation", det(0.55, 0.24, 0.02), budget="5000")
     _write(out / "eval_simclr_s0_5000", "SimCLR", "representation", det(0.6, 0.01, 0.0), budget="5000")
     (out / "eval_at_s0").mkdir(parents=True)  # started (eval makes its --out first), never finished
+    (out / "rocl_s0").mkdir()  # a training: its config and its log's images/s
+    (out / "rocl_s0" / "config.json").write_text(json.dumps({"method": "rocl", "arch": "resnet18_w16", "pgd_steps": 3}))
+    (out / "rocl_s0" / "metrics.jsonl").write_text(
+        "".join(json.dumps(m) + "\n" for m in ({"step": 10, "img_per_s": 40.0}, {"step": 15, "loss": 1.0},
+                                               {"step": 20, "img_per_s": 60.0}, {"step": 30, "img_per_s": 50.0})))
     (out / "times.tsv").write_text("train_rocl_s0\t600\t1\ntrain_at_s0\t9\t0\ntrain_rocl_s0\t50\t0\n"
                                    "eval_trades_s0\t30\t1\n")
     return out
@@ -93,6 +98,7 @@ def test_table_marks_what_did_not_run_and_states_the_ordering(study, tmp_path):
     for b in ("all", "5000"):  # once per budget when not evaluated, not once per eps
         assert table.count(f"seed 1, labels {b}: not all three representation models are evaluated yet") == 1
     assert "| 0 | 0.01 | 2000 |" in table and table.count("| yes |") == 1
+    assert "| rocl_s0 | rocl | resnet18_w16 | 3 | 50.0 | 3 |" in table  # the median of the logged steps
     assert "| train_rocl_s0 | 650 |" in table and "| train_at_s0 | 9 |" in table  # an interrupted try counts
     assert (tmp_path / "r" / "accuracy_vs_eps.png").stat().st_size > 1000
     assert (tmp_path / "r" / "worst_vs_labels.png").stat().st_size > 1000

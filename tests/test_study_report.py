@@ -58,6 +58,11 @@ def study(tmp_path):
     _write(out / "eval_rocl_s0_5000", "RoCL", "representation", det(0.55, 0.24, 0.02), budget="5000")
     _write(out / "eval_simclr_s0_5000", "SimCLR", "representation", det(0.6, 0.01, 0.0), budget="5000")
     (out / "eval_at_s0").mkdir(parents=True)  # started (eval makes its --out first), never finished
+    _write(out / "tasks_rocl_s0", "RoCL", "representation", det(0.8, 0.7, 0.6))  # the other task's head
+    res = json.loads((out / "tasks_rocl_s0" / "results.json").read_text())
+    model = res["models"]["RoCL"]
+    model["tasks"] = {"animal_vehicle": model["tasks"]["class"]}
+    (out / "tasks_rocl_s0" / "results.json").write_text(json.dumps(res))
     (out / "rocl_s0").mkdir()  # a training: its config and its log's images/s
     (out / "rocl_s0" / "config.json").write_text(json.dumps({"method": "rocl", "arch": "resnet18_w16", "pgd_steps": 3}))
     (out / "rocl_s0" / "metrics.jsonl").write_text(
@@ -98,6 +103,9 @@ def test_table_marks_what_did_not_run_and_states_the_ordering(study, tmp_path):
     for b in ("all", "5000"):  # once per budget when not evaluated, not once per eps
         assert table.count(f"seed 1, labels {b}: not all three representation models are evaluated yet") == 1
     assert "| 0 | 0.01 | 2000 |" in table and table.count("| yes |") == 1
+    # one representation, two heads: the class headline beside the task's
+    assert ("| RoCL | 0 | 60.0 [58.0, 62.0] | 20.0 [18.0, 22.0] | 2.0 [0.0, 4.0] | 80.0 [78.0, 82.0] | "
+            "70.0 [68.0, 72.0] | 60.0 [58.0, 62.0] |") in table
     assert "| rocl_s0 | rocl | resnet18_w16 | 3 | 50.0 | 3 |" in table  # the median of the logged steps
     assert "| train_rocl_s0 | 650 |" in table and "| train_at_s0 | 9 |" in table  # an interrupted try counts
     assert (tmp_path / "r" / "accuracy_vs_eps.png").stat().st_size > 1000

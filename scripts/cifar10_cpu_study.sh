@@ -24,7 +24,8 @@
 #
 # Every step resumes: a training with --resume if-exists (a killed one continues from its last checkpoint,
 # written every CKPT_EVERY steps; Ctrl-C or SIGTERM to the script is passed on, so a training checkpoints),
-# an evaluation is skipped when its results.json exists. A step is evaluated only after its training
+# an evaluation is skipped when its results.json exists, and a killed one continues after its last finished
+# attack (eval's <out>/progress) with its saved heads. A step is evaluated only after its training
 # finished (times.tsv), a step runs in one process at a time (a lock per step), and a failed step is reported
 # while the others go on (the script then exits 1). Nothing is overwritten.
 # Logs: $OUT/logs/ (appended on every resume); wall times (s) and exit status: $OUT/times.tsv.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -428,3 +429,61 @@ def test_merge_joins_budgets_of_one_model_and_refuses_clashes(tmp_path, digits):
     with pytest.raises(ValueError, match="test_fingerprint"):  # each file against every other, not the first only
         merge([old, a, dict(other, models={"Other": other["models"]["Standard"]})])
     assert merge([old, a])["settings"]["test_fingerprint"] == a["settings"]["test_fingerprint"]
+
+
+def test_an_interrupted_evaluation_resumes_after_its_last_finished_attack(tmp_path, digits, monkeypatch):
+    """Interrupted twice (in the middle of a representation's z = mu path, then in a classifier's attacks) and
+    run again on the same --out, the evaluation runs each attack exactly once in all, reuses its own saved head
+    (no head is trained again), and writes the numbers of an uninterrupted run: per attack, worst case, interval,
+    per-image bits and Proposition 1. Another setting on the same --out is not mixed with the saved attacks."""
+    import urkle_fast.eval as ev
+
+    models = {"rep": (_rep_models(digits), {}), "std": (_train_standard(digits[0]), {})}
+    common = dict(dataset="digits", eps=[0.1, 0.2], n_test=60, attack_steps=5, apgd_steps=5, apgd_targets=3,
+                  square_queries=20, eot_iter=2, redraws=3, head_epochs=40, plots=False, sweep_n_test=10,
+                  verbose=False, cascade=True, bound=3.0, bound_samples=32)
+    real = ev._one_attack
+    calls = []
+
+    def counting(stop_at=None):
+        def attack(*a, **k):
+            if len(calls) == stop_at:
+                raise KeyboardInterrupt  # as Ctrl-C or SIGTERM would stop it, mid-evaluation
+            calls.append(a[2:4])  # (path, attack)
+            return real(*a, **k)
+        return attack
+
+    monkeypatch.setattr(ev, "_one_attack", counting())
+    full = evaluate_models(models, EvalConfig(out=str(tmp_path / "full"), **common), splits=digits)
+    n_full = len(calls)
+    assert n_full == 16 + 8  # rep: 4 attacks x 2 paths x 2 eps; std: 4 attacks x 2 eps
+
+    cut = EvalConfig(out=str(tmp_path / "cut"), **common)
+    done = []
+    for stop_at in (5, 14):  # in rep's z = mu path (cascade survivors restored), then in std's attacks
+        calls.clear()
+        monkeypatch.setattr(ev, "_one_attack", counting(stop_at))
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_models(models, cut, splits=digits)
+        done.append(len(calls))
+        monkeypatch.setattr(ev, "train_head", lambda *a, **k: pytest.fail("the saved head was trained again"))
+    assert (tmp_path / "cut" / "progress" / "rep__digit__all.pt").is_file()
+    assert (tmp_path / "cut" / "progress" / "std__digit__all.pt").is_file()
+    calls.clear()
+    monkeypatch.setattr(ev, "_one_attack", counting())
+    resumed = evaluate_models(models, cut, splits=digits)
+    assert sum(done) + len(calls) == n_full and calls and all(c[0] == "mu" for c in calls)  # std's last attacks only
+
+    def numbers(res):
+        return {m: {k: v for k, v in e.items() if k not in ("wall_s", "checkpoint")} for m, e in res["models"].items()}
+
+    assert numbers(resumed) == numbers(full)
+    assert resumed["models"]["rep"]["budgets"]["all"]["bound"]["0.1"] == full["models"]["rep"]["budgets"]["all"]["bound"]["0.1"]
+    on_disk = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert numbers(on_disk) == json.loads(json.dumps(numbers(full)))
+
+    # another attack budget on the same --out: the saved attacks are not its own, so every attack runs
+    calls.clear()
+    with pytest.warns(UserWarning, match="another evaluation's progress"):
+        evaluate_models({"std": models["std"]}, replace(cut, attack_steps=3), splits=digits)
+    assert len(calls) == 8

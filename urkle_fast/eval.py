@@ -8,6 +8,10 @@ label budget; "worst" is the per-image worst case over every attack that ran. Wr
 results.json, accuracy_vs_eps_<model>.png, accuracy_vs_eps.png and, for representation models,
 zspace_<model>.png (paper Figure 2) to --out.
 
+An interrupted evaluation continues where it stopped: the same command on the same --out reuses every attack
+that finished (<out>/progress, ``_Progress``) and the heads it trained (<out>/heads), and gives the same numbers
+as a run that was never interrupted.
+
     python -m urkle_fast.eval --checkpoint runs/urkle.pt --checkpoint runs/standard.pt \\
         --dataset mnist --eps 0.1 --label-budgets all 5000 1000 --n-test 1000 --out runs/eval
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import os
 import re
@@ -150,6 +155,48 @@ class _Job:
     @property
     def out(self) -> Optional[str]:  # rank 0 writes
         return self.cfg.out if self.main else None
+
+
+class _Progress:
+    """The finished attacks of one (model, task, label budget) in <out>/progress/<name>__<task>__<budget>.pt, so
+    that an interrupted evaluation, run again on the same --out, resumes after its last finished attack instead
+    of from the start (on the CPU one budget's attacks take up to an hour). Each attack's per-image scores are
+    saved (rank 0, atomically) as it ends. A rerun reuses them only under the same key: the model's and the
+    head's weights, the test images, the eps and every setting that changes a score; another key starts afresh.
+    Every attack reseeds its own random streams and the cascade's survivors follow from the scores, so the replay
+    gives the numbers of an uninterrupted run exactly."""
+
+    def __init__(self, job: "_Job", name: str, task: str, budget, **key):
+        c = job.cfg
+        key.update(settings={k: v for k, v in _settings(job).items() if k != "tasks"}, eps=list(c.eps),
+                   batch_size=c.batch_size, task=task, budget=str(budget))
+        self.key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        self.path = os.path.join(c.out, "progress", f"{_slug(name)}__{task}__{budget}.pt") if c.out else None
+        self.main = job.main
+        units = None
+        if job.main and self.path and os.path.isfile(self.path):
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            if saved.get("key") == self.key:
+                units = saved["units"]
+            else:
+                warnings.warn(f"{self.path}: another evaluation's progress (other weights, head, test images or "
+                              f"settings); these attacks start afresh", stacklevel=2)
+        if job.world > 1:  # every rank replays what rank 0 found
+            units = udist.gather_objects(units)[0]
+        self.units: dict[str, Any] = units or {}
+        if self.units and c.verbose and job.main:
+            print(f"[eval] {name} {task} {budget}: resuming, {len(self.units)} finished attack(s) reused from "
+                  f"{self.path}", flush=True)
+
+    def get(self, unit: str):
+        return self.units.get(unit)
+
+    def put(self, unit: str, value) -> None:
+        self.units[unit] = value
+        if self.main and self.path:
+            buf = io.BytesIO()
+            torch.save(dict(key=self.key, units=self.units), buf)
+            write_atomic(self.path, buf.getvalue())
 
 
 def validate(cfg: EvalConfig) -> None:
@@ -371,11 +418,13 @@ def _ensemble(c: EvalConfig, stochastic: bool, num_classes: int) -> list[tuple[s
     return out
 
 
-def _attack_paths(job: _Job, clfs: dict, tag: str, num_classes: int, y: torch.Tensor) -> dict:
+def _attack_paths(job: _Job, clfs: dict, tag: str, num_classes: int, y: torch.Tensor,
+                  progress: Optional[_Progress] = None) -> dict:
     """Every attack of each path's ensemble, per eps; "worst": correct under every attack that ran on the path
     (per image, as AutoAttack counts), with a 95% Wilson interval; on the S-sample path also under every
     adversary of the z = mu path ("transfer"). "redraw_avg": the share of fresh predictions still correct
-    under each image's worst attack, averaged. clfs: {"mu": clf[, "samples": clf]}."""
+    under each image's worst attack, averaged. clfs: {"mu": clf[, "samples": clf]}. progress: the attacks an
+    interrupted run finished, replayed instead of run again (and each new one saved)."""
     c, x = job.cfg, job.x_test
     out: dict[str, dict] = {}
     worst = {}  # per path and eps: each image's share of right predictions under its worst attack so far
@@ -392,18 +441,18 @@ def _attack_paths(job: _Job, clfs: dict, tag: str, num_classes: int, y: torch.Te
             out[path]["attacks"].append(attack)
             out[path][attack] = {}
             for e in c.eps:
-                clfs[path].reseed(c.seed + 1 + k)
                 to = target if path == "mu" else None
-                # --cascade: an image already wrong under an earlier attack cannot count as robust again, so only
-                # the others are attacked (every rank holds the same worst, so every rank picks the same rows)
-                live = None
-                if c.cascade:
-                    live = worst[path][e] >= 0.5
-                    if to is not None:  # its adversaries still feed the S-sample path's worst case
-                        live |= worst["samples"][e] >= 0.5
-                    live = live.nonzero().squeeze(1)
-                r = _live_scores(job, clfs[path], x, y, live, attack, e, desc=f"{tag} {path} {attack} {e:.4g}",
-                                 steps=steps, transfer_to=to, restarts=c.pgd_restarts if attack == "pgd" else 1, **kw)
+                unit = f"{path}/{attack}/{e!r}"
+                saved = progress.get(unit) if progress is not None else None
+                if saved is not None:  # finished before an interruption: its scores, as they were
+                    r = {"frac": saved["frac"], "ok": saved["frac"] >= 0.5}
+                    if "transfer" in saved:
+                        r["transfer"] = {"frac": saved["transfer"], "ok": saved["transfer"] >= 0.5}
+                else:
+                    r = _one_attack(job, clfs, path, attack, k, steps, kw, e, to, worst, tag, y)
+                    if progress is not None:
+                        progress.put(unit, {"frac": r["frac"], **({"transfer": r["transfer"]["frac"]}
+                                                                  if "transfer" in r else {})})
                 worst[path][e] = torch.minimum(worst[path][e], r["frac"])
                 out[path][attack][str(e)] = _acc(worst[path][e] >= 0.5) if c.cascade else _acc(r["ok"])
                 if "transfer" in r:
@@ -420,6 +469,23 @@ def _attack_paths(job: _Job, clfs: dict, tag: str, num_classes: int, y: torch.Te
             # of the attacks up to then, not of every attack, so none is reported
             out[path]["redraw_avg"][str(e)] = None if c.cascade else worst[path][e].mean().item() if len(y) else 0.0
     return out
+
+
+def _one_attack(job: _Job, clfs: dict, path: str, attack: str, k: int, steps: int, kw: dict, e: float,
+                to: Optional[ProbabilisticClassifier], worst: dict, tag: str, y: torch.Tensor) -> dict:
+    """The k-th attack of a path's ensemble at eps e, on the images the cascade leaves (all without it)."""
+    c = job.cfg
+    clfs[path].reseed(c.seed + 1 + k)
+    # --cascade: an image already wrong under an earlier attack cannot count as robust again, so only the others
+    # are attacked (every rank holds the same worst, so every rank picks the same rows)
+    live = None
+    if c.cascade:
+        live = worst[path][e] >= 0.5
+        if to is not None:  # its adversaries still feed the S-sample path's worst case
+            live |= worst["samples"][e] >= 0.5
+        live = live.nonzero().squeeze(1)
+    return _live_scores(job, clfs[path], job.x_test, y, live, attack, e, desc=f"{tag} {path} {attack} {e:.4g}",
+                        steps=steps, transfer_to=to, restarts=c.pgd_restarts if attack == "pgd" else 1, **kw)
 
 
 def _sweep(job: _Job, clf: ProbabilisticClassifier, name: str) -> list[float]:
@@ -441,24 +507,26 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def _head(job: _Job, name: str, task, budget, idx, feats, model_id: str) -> nn.Module:
-    """The task's head for this label budget: reused from --heads when a file there was trained the same way on
-    the same weights (``fingerprint``), else trained on the frozen features (rank 0, then broadcast); saved to
-    <out>/heads for later attacks either way."""
+    """The task's head for this label budget: reused from --heads (else from this --out's heads, an interrupted
+    run's) when a file there was trained the same way on the same weights (``fingerprint``), else trained on the
+    frozen features (rank 0, then broadcast); saved to <out>/heads for later attacks either way."""
     c = job.cfg
     h = None
     recipe = dict(model=model_id, kind=c.head, num_classes=task.num_classes, n_labels=len(idx), seed=c.seed,
                   epochs=c.head_epochs, lr=c.head_lr, loss=c.head_loss, M=c.bound if c.head_loss == "bounded" else None,
                   # the labelled images themselves: a head of the whole training split is not one of --holdout's
                   n_train=len(job.train.y), holdout=c.holdout)
-    if c.heads and os.path.isfile(_head_file(c.heads, name, task.name, budget)):
-        saved = torch.load(_head_file(c.heads, name, task.name, budget), map_location="cpu", weights_only=True)
+    # --heads, else this --out's own (an interrupted run's): the same head, so its finished attacks still apply
+    folder = c.heads or (os.path.join(c.out, "heads") if c.out else None)
+    if folder and os.path.isfile(_head_file(folder, name, task.name, budget)):
+        saved = torch.load(_head_file(folder, name, task.name, budget), map_location="cpu", weights_only=True)
         if saved.get("recipe") == recipe:
             h = make_head(c.head, saved["d_in"], task.num_classes)
             h.load_state_dict(saved["state_dict"])
             h.eval()
         elif job.main:
-            warnings.warn(f"--heads: {_head_file(c.heads, name, task.name, budget)} was trained another way or on "
-                          f"other weights; training this head afresh", stacklevel=2)
+            warnings.warn(f"{'--heads' if c.heads else '--out'}: {_head_file(folder, name, task.name, budget)} was "
+                          f"trained another way or on other weights; training this head afresh", stacklevel=2)
     if h is None and job.main:
         mu_tr, lv_tr, y_tr = feats
         h = train_head(mu_tr[idx], lv_tr[idx], y_tr[idx], num_classes=task.num_classes, head_kind=c.head,
@@ -503,12 +571,15 @@ def _representation(job: _Job, name: str, model: nn.Module, entry: dict, curves:
             clfs = {path: ProbabilisticClassifier(model, h, path=path, samples=c.samples, bounded_M=c.bounded_M,
                                                   seed=c.seed).to(job.device)
                     for path in (("mu",) if deterministic else ("mu", "samples"))}
-            paths = _attack_paths(job, clfs, f"{name} {task.name} {b}", task.num_classes, y_te)
+            progress = _Progress(job, name, task.name, b, model=model_id, head=fingerprint(h),
+                                 paths=list(clfs), samples=c.samples, bounded_M=c.bounded_M, bound=c.bound,
+                                 bound_samples=c.bound_samples)
+            paths = _attack_paths(job, clfs, f"{name} {task.name} {b}", task.num_classes, y_te, progress)
             if deterministic:
                 paths["samples"] = dict(paths["mu"], note="deterministic encoder: the S-sample prediction is z = mu")
             budgets[str(b)] = dict(n_labels=len(idx), paths=paths)
             if c.bound is not None and not deterministic:
-                budgets[str(b)]["bound"] = {str(e): _bound(job, model, h, y_te, e) for e in c.eps}
+                budgets[str(b)]["bound"] = {str(e): _bound(job, model, h, y_te, e, progress) for e in c.eps}
             if c.out and c.plots and b == c.label_budgets[0] and task.name == c.tasks[0]:
                 for path, clf in clfs.items():
                     curves[f"{'S=%d' % c.samples if path == 'samples' else 'z = mu'}, labels {b}"] = dict(
@@ -516,14 +587,22 @@ def _representation(job: _Job, name: str, model: nn.Module, entry: dict, curves:
             _flag_at_chance(job, name, task, b, budgets[str(b)])
 
 
-def _bound(job: _Job, model: nn.Module, head: nn.Module, y: torch.Tensor, eps: float) -> dict:
-    """Proposition 1 at this eps, every rank on its share of whole batches (``_scores``' sharding)."""
+def _bound(job: _Job, model: nn.Module, head: nn.Module, y: torch.Tensor, eps: float,
+           progress: Optional[_Progress] = None) -> dict:
+    """Proposition 1 at this eps, every rank on its share of whole batches (``_scores``' sharding); saved to
+    progress when it ends, replayed from it on a resumed run."""
     c = job.cfg
+    saved = progress.get(f"bound/{eps!r}") if progress is not None else None
+    if saved is not None:
+        return saved
     sl, b0 = udist.batch_shard(len(y), c.batch_size, job.rank, job.world)
     per = proposition1_per_image(model, head, job.x_test[sl], y[sl], M=c.bound, eps=eps, samples=c.bound_samples,
                                  batch_size=c.batch_size, seed=c.seed, first_batch=b0, device=job.device)
     per = {k: udist.gather_rows(v.float(), len(y), c.batch_size) for k, v in per.items()}
-    return summarize_bound(per, M=c.bound, eps=eps, samples=c.bound_samples)
+    result = summarize_bound(per, M=c.bound, eps=eps, samples=c.bound_samples)
+    if progress is not None:
+        progress.put(f"bound/{eps!r}", result)
+    return result
 
 
 def _flag_at_chance(job: _Job, name: str, task, b, result: dict) -> None:
@@ -548,7 +627,9 @@ def _supervised(job: _Job, name: str, model: nn.Module, config: dict, entry: dic
     clf = ProbabilisticClassifier(model, None, bounded_M=c.bounded_M, seed=c.seed).to(job.device)
     trained = config.get("label_budget") or "all"
     primary = get_task(c.dataset, primary_task(c.dataset), job.train.num_classes)
-    paths = _attack_paths(job, {"mu": clf}, name, primary.num_classes, job.y_test)
+    progress = _Progress(job, name, primary.name, trained, model=fingerprint(model), paths=["mu"],
+                         bounded_M=c.bounded_M)
+    paths = _attack_paths(job, {"mu": clf}, name, primary.num_classes, job.y_test, progress)
     paths["samples"] = dict(paths["mu"], note="classifier: no z, one prediction")
     budgets = entry["tasks"].setdefault(primary.name, {"budgets": {}})["budgets"]
     n = len(job.train.y) if trained == "all" else int(trained)

@@ -244,7 +244,7 @@ def test_square_columns_in_the_table(tmp_path, digits, standard):
     assert "2 restarts" in md and res["settings"]["pgd_restarts"] == 2
 
 
-def test_checkpoint_roundtrip_and_cli(tmp_path):
+def test_checkpoint_roundtrip_and_cli(tmp_path, capsys):
     """A checkpoint written by urkle_fast.train goes through evaluate_checkpoints and the CLI."""
     from urkle_fast.train import TrainConfig, train
 
@@ -269,6 +269,18 @@ def test_checkpoint_roundtrip_and_cli(tmp_path):
                 "--attack-steps", "2", "--apgd-steps", "0", "--square-queries", "0", "--n-test", "20", "--no-plots"])
     assert (tmp_path / "cli" / "table.md").is_file() and "Std" in cli["models"]
     assert cli["settings"]["apgd_steps"] == 0
+    # the same --out for another evaluation: a one-line error naming the flags that differ, before any work
+    from urkle_fast.eval import cli as eval_cli
+
+    args = ["--checkpoint", ckpt, "--name", "Std", "--out", str(tmp_path / "cli"), "--attack-steps", "2",
+            "--apgd-steps", "0", "--square-queries", "0", "--n-test", "20", "--no-plots"]
+    before = (tmp_path / "cli" / "results.json").read_text()
+    assert eval_cli([*args, "--eps", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "holds another evaluation (it differs in --eps)" in err and "--overwrite" in err
+    assert (tmp_path / "cli" / "results.json").read_text() == before
+    assert eval_cli([*args, "--eps", "0.2", "--overwrite"]) == 0
+    assert '"0.2"' in (tmp_path / "cli" / "results.json").read_text()
 
 
 def test_clear_errors(tmp_path):

@@ -435,7 +435,8 @@ def test_an_interrupted_evaluation_resumes_after_its_last_finished_attack(tmp_pa
     """Interrupted twice (in the middle of a representation's z = mu path, then in a classifier's attacks) and
     run again on the same --out, the evaluation runs each attack exactly once in all, reuses its own saved head
     (no head is trained again), and writes the numbers of an uninterrupted run: per attack, worst case, interval,
-    per-image bits and Proposition 1. Another setting on the same --out is not mixed with the saved attacks."""
+    per-image bits and Proposition 1. Another evaluation is refused on that --out (unless --overwrite), and its
+    attacks are never mixed with the saved ones."""
     import urkle_fast.eval as ev
 
     models = {"rep": (_rep_models(digits), {}), "std": (_train_standard(digits[0]), {})}
@@ -482,8 +483,18 @@ def test_an_interrupted_evaluation_resumes_after_its_last_finished_attack(tmp_pa
     on_disk = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert numbers(on_disk) == json.loads(json.dumps(numbers(full)))
 
-    # another attack budget on the same --out: the saved attacks are not its own, so every attack runs
+    # another evaluation on the same --out is refused before any attack, naming what differs; with --overwrite
+    # it replaces this one, and the saved attacks, not being its own, are not reused
     calls.clear()
+    with pytest.raises(ValueError, match=r"holds another evaluation \(it differs in --attack-steps\)"):
+        evaluate_models(models, replace(cut, attack_steps=3), splits=digits)
+    with pytest.raises(ValueError, match=r"differs in the models \(names or weights\)"):
+        evaluate_models({"std": models["std"]}, cut, splits=digits)
+    assert not calls and json.loads((tmp_path / "cut" / "results.json").read_text()) == on_disk
     with pytest.warns(UserWarning, match="another evaluation's progress"):
-        evaluate_models({"std": models["std"]}, replace(cut, attack_steps=3), splits=digits)
+        evaluate_models({"std": models["std"]}, replace(cut, attack_steps=3, overwrite=True), splits=digits)
     assert len(calls) == 8
+    # results from before this record existed are not overwritten either
+    (tmp_path / "cut" / "evaluation.json").unlink()
+    with pytest.raises(ValueError, match="kept no record of its settings"):
+        evaluate_models({"std": models["std"]}, replace(cut, attack_steps=3), splits=digits)

@@ -47,8 +47,10 @@ def run_demo(out_dir: str = "runs/digits-demo", seed: int = 0, progress: bool = 
     # The full ensemble (PGD, APGD-CE, APGD-T / APGD-DLR with EOT 20, transfer from z = mu, fool confirmation)
     # except that Square gets 1000 queries instead of AutoAttack's 5000, to keep the default job at minutes:
     # the table's "worst" columns (with their 95% intervals) are the numbers to quote
+    # the demo's own eval folder, rebuilt from its checkpoints: a rerun on the same weights continues or reuses it
+    # (eval's progress), new weights (--overwrite, or a folder from an older version) replace it
     result = evaluate_checkpoints(ckpts, EvalConfig(dataset="digits", eps=DEMO_EPS, out=str(Path(out_dir) / "eval"),
-                                                    square_queries=DEMO_SQUARE_QUERIES))
+                                                    square_queries=DEMO_SQUARE_QUERIES, overwrite=True))
     print(f"demo took {time.perf_counter() - t0:.1f} s")
     return result
 

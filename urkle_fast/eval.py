@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -64,7 +64,9 @@ class EvalConfig:
     dataset: Optional[str] = opt(None, "default: the first checkpoint's", choices=list(DATASETS))
     data_root: Optional[str] = opt(None, "default: the checkpoint's data_root, else ../shared/data")
     eps: Optional[list[float]] = opt(None, "test epsilons in [0, 1] pixels; None: " + help_for("test_eps"))
-    out: Optional[str] = opt("runs/eval", "output folder (None from Python: write nothing)")
+    out: Optional[str] = opt("runs/eval", "output folder (None from Python: write nothing); it belongs to one "
+                             "evaluation: the same command continues it, another is refused (see --overwrite)")
+    overwrite: bool = opt(False, "let this evaluation replace another one's results in --out")
     label_budgets: list[str] = opt(help="'all' and/or label counts, e.g. all 5000 1000", factory=lambda: ["all"])
     samples: int = opt(10, "S, z samples averaged per prediction (paper Eq. 1)")
     attack_steps: int = opt(20, "PGD steps (the paper's attack)")
@@ -197,6 +199,35 @@ class _Progress:
             buf = io.BytesIO()
             torch.save(dict(key=self.key, units=self.units), buf)
             write_atomic(self.path, buf.getvalue())
+
+
+# how an evaluation runs and where it writes, never what it measures: a rerun may change them and still continue
+RUNTIME_FIELDS = ("out", "overwrite", "verbose", "num_workers", "device", "plots", "fig2_images", "heads",
+                  "checkpoint", "name")
+
+
+def _claim_out(models: dict, cfg: EvalConfig, main: bool) -> None:
+    """--out holds one evaluation, recorded in <out>/evaluation.json (its models' weights and every setting that
+    changes a number). The same evaluation again continues it (``_Progress``); another one is refused before any
+    work, naming what differs, unless --overwrite; so are the results of an evaluation that kept no record."""
+    if cfg.out is None:
+        return
+    ident = json.loads(json.dumps(dict({k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS},
+                                       models={n: fingerprint(m) for n, (m, _) in models.items()})))
+    path = os.path.join(cfg.out, "evaluation.json")
+    if not cfg.overwrite and os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        differ = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+        if differ:
+            what = ", ".join("the models (names or weights)" if k == "models" else _flag(k) for k in differ)
+            raise ValueError(f"--out {cfg.out!r} holds another evaluation (it differs in {what}): choose another "
+                             f"--out, or give --overwrite to replace it")
+    elif not cfg.overwrite and os.path.isfile(os.path.join(cfg.out, "results.json")):
+        raise ValueError(f"--out {cfg.out!r} holds an earlier evaluation's results.json, which kept no record of its "
+                         f"settings: choose another --out, or give --overwrite to replace it")
+    if main:
+        write_atomic(path, (json.dumps(ident, indent=1) + "\n").encode())
 
 
 def validate(cfg: EvalConfig) -> None:
@@ -695,6 +726,7 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], cfg: EvalConfig, 
         raise ValueError("dataset: required (EvalConfig.dataset or --dataset)")
     validate(cfg)
     check_models_match(models, cfg.dataset)
+    _claim_out(models, cfg, udist.rank() == 0)
     job = _prepare(models, _resolve(cfg), splits)
     c = job.cfg
     results: dict[str, Any] = dict(dataset=c.dataset, eps_list=c.eps, sweep_eps=c.sweep_eps, tasks=c.tasks,

@@ -351,9 +351,11 @@ def markdown(summary: dict, budgets: list[str]) -> str:
                          f"{b['term2']:.3f} | {b['rhs']:.3f} | {b['lhs']:.3f} | {b['holds']} | {b['vacuous']} | "
                          f"{b['violations']} / {b['checked_pairs']} |")
     if summary["tasks"]:
-        # one frozen representation, two heads: the 10 classes (the headline row) and animal vs vehicle (6 of the
-        # 10 classes are animals, so a constant answer scores 60% clean)
+        # one frozen representation, two heads: the 10 classes (the headline row) and animal vs vehicle
         lines += ["", "## One representation, two tasks (all labels; worst case)", "",
+                  "6 of the 10 classes are animals: on the class-balanced test images a head that always answers "
+                  "'animal' scores 60% clean and 60% under every attack, the floor the animal-vs-vehicle columns "
+                  "are read against.", "",
                   "| method | seed | class: clean | class: 8/255 | class: 16/255 | animal vs vehicle: clean | "
                   "animal vs vehicle: 8/255 | animal vs vehicle: 16/255 |", "|" + " --- |" * 8]
         for t in summary["tasks"]:

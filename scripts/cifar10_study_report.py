@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 EPS = ("0.031372549", "0.062745098")  # 8/255, 16/255 as the study passes them
 PAPER = {"SimCLR+Urkle": (82.31, 42.56, 14.29), "RoCL": (83.71, 40.27, 9.55)}  # docs/PROTOCOL.md, full labels
@@ -166,8 +167,9 @@ def _tasks(out: Path, seeds) -> list[dict]:
             e = t.get("budgets", {}).get("all")
             if e:
                 p = e["paths"]
-                rows.append(dict(seed=s, name=name, task=task,
-                                 headline=_cell(p, "samples" if "note" not in p["samples"] else "mu")))
+                rows.append(dict(seed=s, name=name, task=task, n_test=r["settings"]["n_test"],
+                                 headline=_cell(p, "samples" if "note" not in p["samples"] else "mu",
+                                                r["settings"].get("test_fingerprint"))))
     return rows
 
 
@@ -243,12 +245,16 @@ def _evaluated_at(got: dict, eps: str) -> bool:
                for r in got.values())
 
 
-def _ordering(rows: list[dict], seed: int, eps: str, budget: str = "all") -> str:
-    got = _representations(rows, seed, budget)
+def _ordering(rows: list[dict], seed: int, eps: str, budget: str = "all", got: Optional[dict] = None,
+              what: str = "") -> str:
+    """The three representations from the most robust down at eps, each step with its difference's interval.
+    got: {name: row} to order instead of the class rows of this seed and budget (the task's rows)."""
+    got = _representations(rows, seed, budget) if got is None else got
+    what = what or f"labels {budget}"
     if len(got) < 3:
-        return f"seed {seed}, labels {budget}: not all three representation models are evaluated yet"
+        return f"seed {seed}, {what}: not all three representation models are evaluated yet"
     if not _evaluated_at(got, eps):
-        return f"seed {seed}, labels {budget}, {_eps_label(eps)}: not every model was evaluated at this eps"
+        return f"seed {seed}, {what}, {_eps_label(eps)}: not every model was evaluated at this eps"
     h = {name: r["headline"] for name, r in got.items()}
     order = sorted(h, key=lambda n: -h[n]["worst"][eps])
     parts = []
@@ -258,7 +264,7 @@ def _ordering(rows: list[dict], seed: int, eps: str, budget: str = "all") -> str
                f"only for {b}" if c["paired"] else f"unpaired: {_diff(c)} points")
         parts.append(f"{a} {'>' if c['lo'] > 0 else '≈'} {b} ({how})")
     desc = ", ".join(f"{n} {_fmt(h[n]['worst'][eps], h[n]['worst_ci'][eps])}" for n in order)
-    return (f"seed {seed}, labels {budget}, {_eps_label(eps)}: " + "; ".join(parts) + f" ({desc}; '>' when the 95% "
+    return (f"seed {seed}, {what}, {_eps_label(eps)}: " + "; ".join(parts) + f" ({desc}; '>' when the 95% "
             f"interval of the difference excludes 0: paired where both evaluations kept per-image results, else "
             f"Newcombe's from the two Wilson intervals; '≈' otherwise)")
 
@@ -366,6 +372,11 @@ def markdown(summary: dict, budgets: list[str]) -> str:
                    [_fmt(c["clean"], c["clean_ci"])] + [_fmt(c["worst"][e], c["worst_ci"][e]) for e in EPS])
             lines.append(f"| {t['name']} | {t['seed']} | " + " | ".join(cls) + f" | {_fmt(h['clean'], h['clean_ci'])} | "
                          + " | ".join(_fmt(h["worst"][e], h["worst_ci"][e]) for e in EPS) + " |")
+        lines.append("")
+        for seed in sorted({t["seed"] for t in summary["tasks"]}):
+            got = {t["name"]: t for t in summary["tasks"] if t["seed"] == seed and t["task"] == "animal_vehicle"}
+            lines += list(dict.fromkeys(f"- {_ordering([], seed, e, got=got, what='animal vs vehicle')}"
+                                        for e in EPS))
     if summary.get("speed"):
         lines += ["", "## Training speed (median images/s over each training's logged steps, one thread)", "",
                   "| run | method | encoder | PGD steps | img/s | logged steps |", "| --- | --- | --- | --- | ---: | ---: |"]
@@ -468,7 +479,7 @@ def main(argv=None) -> int:
         r.pop("folder", None)
     # the per-image bits are in the study's results.json files; the committed summary stays small
     table = markdown(summary, a.budgets)
-    for r in summary["rows"]:
+    for r in summary["rows"] + summary["tasks"]:
         for cell in (r.get("headline"), r.get("z_mu")):
             if cell and cell.pop("paired", None) is not None:
                 cell["per_image"] = True

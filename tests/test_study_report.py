@@ -106,6 +106,7 @@ def test_table_marks_what_did_not_run_and_states_the_ordering(study, tmp_path):
     # one representation, two heads: the class headline beside the task's
     assert ("| RoCL | 0 | 60.0 [58.0, 62.0] | 20.0 [18.0, 22.0] | 2.0 [0.0, 4.0] | 80.0 [78.0, 82.0] | "
             "70.0 [68.0, 72.0] | 60.0 [58.0, 62.0] |") in table
+    assert table.count("seed 0, animal vs vehicle: not all three representation models are evaluated yet") == 1
     assert "| rocl_s0 | rocl | resnet18_w16 | 3 | 50.0 | 3 |" in table  # the median of the logged steps
     assert "| train_rocl_s0 | 650 |" in table and "| train_at_s0 | 9 |" in table  # an interrupted try counts
     assert (tmp_path / "r" / "accuracy_vs_eps.png").stat().st_size > 1000

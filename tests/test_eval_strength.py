@@ -183,6 +183,12 @@ def _rep_models(digits):
     return rep.eval()
 
 
+class NoisyRep(TinyRep):  # a wider sigma: the S-sample prediction often disagrees with z = mu
+    def encode(self, x):
+        mu, logvar = super().encode(x)
+        return mu, logvar + 4.0
+
+
 def test_transfer_never_raises_the_worst_case_and_worst_is_below_every_attack(tmp_path, digits):
     rep = _rep_models(digits)
     common = dict(dataset="digits", eps=[0.1, 0.2], n_test=60, attack_steps=5, apgd_steps=5, apgd_targets=3,
@@ -215,11 +221,6 @@ def test_cascade_attacks_only_the_survivors_and_keeps_the_worst_case(tmp_path, d
     adversaries also score the S-sample prediction), its column is the accuracy left after it, far fewer images
     are attacked in all, and the worst case agrees with attacking every image."""
     import urkle_fast.eval as ev
-
-    class NoisyRep(TinyRep):  # a wider sigma: the S-sample prediction often disagrees with z = mu
-        def encode(self, x):
-            mu, logvar = super().encode(x)
-            return mu, logvar + 4.0
 
     rep = _rep_models(digits)
     rep.__class__ = NoisyRep
@@ -439,10 +440,12 @@ def test_an_interrupted_evaluation_resumes_after_its_last_finished_attack(tmp_pa
     attacks are never mixed with the saved ones."""
     import urkle_fast.eval as ev
 
-    models = {"rep": (_rep_models(digits), {}), "std": (_train_standard(digits[0]), {})}
+    rep = _rep_models(digits)
+    rep.__class__ = NoisyRep  # its S-sample prediction depends on the z draws, so a stream out of step shows
+    models = {"rep": (rep, {}), "std": (_train_standard(digits[0]), {})}
     common = dict(dataset="digits", eps=[0.1, 0.2], n_test=60, attack_steps=5, apgd_steps=5, apgd_targets=3,
-                  square_queries=20, eot_iter=2, redraws=3, head_epochs=40, plots=False, sweep_n_test=10,
-                  verbose=False, cascade=True, bound=3.0, bound_samples=32)
+                  square_queries=20, eot_iter=2, redraws=3, head_epochs=40, plots=True, fig2_images=0,
+                  sweep_eps=[0.0, 0.2], sweep_n_test=60, verbose=False, cascade=True, bound=3.0, bound_samples=32)
     real = ev._one_attack
     calls = []
 
@@ -476,9 +479,13 @@ def test_an_interrupted_evaluation_resumes_after_its_last_finished_attack(tmp_pa
     assert sum(done) + len(calls) == n_full and calls and all(c[0] == "mu" for c in calls)  # std's last attacks only
 
     def numbers(res):
-        return {m: {k: v for k, v in e.items() if k not in ("wall_s", "checkpoint")} for m, e in res["models"].items()}
+        return {m: {k: v for k, v in e.items() if k not in ("wall_s", "checkpoint", "plots")}
+                for m, e in res["models"].items()}
 
     assert numbers(resumed) == numbers(full)
+    # the S-sample sweep runs after the attacks, from the stream the last attack reseeded, replayed or not
+    assert resumed["models"]["rep"]["sweep"] == full["models"]["rep"]["sweep"] and \
+        "S=10, labels all" in full["models"]["rep"]["sweep"]
     assert resumed["models"]["rep"]["budgets"]["all"]["bound"]["0.1"] == full["models"]["rep"]["budgets"]["all"]["bound"]["0.1"]
     on_disk = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert numbers(on_disk) == json.loads(json.dumps(numbers(full)))
@@ -498,3 +505,38 @@ def test_an_interrupted_evaluation_resumes_after_its_last_finished_attack(tmp_pa
     (tmp_path / "cut" / "evaluation.json").unlink()
     with pytest.raises(ValueError, match="kept no record of its settings"):
         evaluate_models({"std": models["std"]}, replace(cut, attack_steps=3), splits=digits)
+
+
+def test_an_out_folder_holds_one_evaluation(tmp_path, digits, monkeypatch):
+    """--out is claimed only once an evaluation has started (a command refused by its settings leaves it as it
+    was); a record from before a new setting existed still matches at that setting's default; --overwrite
+    removes the other evaluation's results before this one's attacks; a damaged progress file is started
+    afresh, not fatal."""
+    import urkle_fast.eval as ev
+
+    std = {"std": (_train_standard(digits[0]), {})}
+    cfg = EvalConfig(dataset="digits", eps=[0.1], n_test=30, attack_steps=2, apgd_steps=0, square_queries=0,
+                     plots=False, verbose=False, out=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="bounded softmax needs M"):  # refused while preparing: nothing claimed
+        evaluate_models(std, replace(cfg, bounded_M=1.0), splits=digits)
+    assert not (tmp_path / "o" / "evaluation.json").exists()
+    first = evaluate_models(std, cfg, splits=digits)
+    record = json.loads((tmp_path / "o" / "evaluation.json").read_text())
+    del record["pgd_restarts"]  # as an evaluation from before that setting existed recorded it
+    (tmp_path / "o" / "evaluation.json").write_text(json.dumps(record))
+    assert evaluate_models(std, cfg, splits=digits)["models"]["std"]["budgets"] == first["models"]["std"]["budgets"]
+    (tmp_path / "o" / "evaluation.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="differs in --pgd-restarts"):
+        evaluate_models(std, replace(cfg, pgd_restarts=2), splits=digits)
+    # --overwrite: the other evaluation's results go before any attack of this one
+    monkeypatch.setattr(ev, "_one_attack", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_models(std, replace(cfg, eps=[0.2], overwrite=True), splits=digits)
+    assert not (tmp_path / "o" / "results.json").exists() and not (tmp_path / "o" / "table.md").exists()
+    assert json.loads((tmp_path / "o" / "evaluation.json").read_text())["eps"] == [0.2]
+    monkeypatch.undo()
+    (tmp_path / "o" / "progress" / "std__digit__all.pt").write_bytes(b"not a torch file")
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = evaluate_models(std, replace(cfg, eps=[0.2]), splits=digits)
+    assert again["models"]["std"]["budgets"]["all"]["paths"]["mu"]["worst"]["0.2"] <= \
+        first["models"]["std"]["budgets"]["all"]["paths"]["mu"]["worst"]["0.1"]

@@ -21,6 +21,7 @@ from Python.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -171,18 +172,20 @@ class _Progress:
     def __init__(self, job: "_Job", name: str, task: str, budget, **key):
         c = job.cfg
         key.update(settings={k: v for k, v in _settings(job).items() if k != "tasks"}, eps=list(c.eps),
-                   batch_size=c.batch_size, task=task, budget=str(budget))
+                   batch_size=c.batch_size, task=task, budget=str(budget), code=_attack_code())
         self.key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
         self.path = os.path.join(c.out, "progress", f"{_slug(name)}__{task}__{budget}.pt") if c.out else None
         self.main = job.main
         units = None
         if job.main and self.path and os.path.isfile(self.path):
-            saved = torch.load(self.path, map_location="cpu", weights_only=True)
-            if saved.get("key") == self.key:
-                units = saved["units"]
-            else:
-                warnings.warn(f"{self.path}: another evaluation's progress (other weights, head, test images or "
-                              f"settings); these attacks start afresh", stacklevel=2)
+            try:
+                saved = torch.load(self.path, map_location="cpu", weights_only=True)
+                units = saved["units"] if saved.get("key") == self.key else None
+                why = "another evaluation's progress (other weights, head, test images, settings or attack code)"
+            except Exception as exc:  # a damaged file costs its attacks, never the evaluation (nor a hung rank)
+                units, why = None, f"unreadable ({type(exc).__name__})"
+            if units is None:
+                warnings.warn(f"{self.path}: {why}; these attacks start afresh", stacklevel=2)
         if job.world > 1:  # every rank replays what rank 0 found
             units = udist.gather_objects(units)[0]
         self.units: dict[str, Any] = units or {}
@@ -201,33 +204,77 @@ class _Progress:
             write_atomic(self.path, buf.getvalue())
 
 
+def _attack_code() -> str:
+    """sha256 of the attacks' and the prediction's source: scores saved before a change there are not replayed."""
+    from .evaluation import attacks, probe
+
+    h = hashlib.sha256()
+    for mod in (attacks, probe):
+        with open(mod.__file__, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 # how an evaluation runs and where it writes, never what it measures: a rerun may change them and still continue
 RUNTIME_FIELDS = ("out", "overwrite", "verbose", "num_workers", "device", "plots", "fig2_images", "heads",
                   "checkpoint", "name")
 
 
-def _claim_out(models: dict, cfg: EvalConfig, main: bool) -> None:
-    """--out holds one evaluation, recorded in <out>/evaluation.json (its models' weights and every setting that
-    changes a number). The same evaluation again continues it (``_Progress``); another one is refused before any
-    work, naming what differs, unless --overwrite; so are the results of an evaluation that kept no record."""
-    if cfg.out is None:
-        return
-    ident = json.loads(json.dumps(dict({k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS},
-                                       models={n: fingerprint(m) for n, (m, _) in models.items()})))
+def _identity(models: dict, cfg: EvalConfig) -> dict:
+    """What <out>/evaluation.json records: the models' weights and every setting that changes a number."""
+    return json.loads(json.dumps(dict({k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS},
+                                      models={n: fingerprint(m) for n, (m, _) in models.items()})))
+
+
+def _out_conflict(ident: dict, cfg: EvalConfig) -> Optional[str]:
+    """Why --out cannot take this evaluation (None when it can): it holds another one, or results that kept no
+    record. A setting the record does not know (added to eval since) counts as the same when at its default."""
     path = os.path.join(cfg.out, "evaluation.json")
-    if not cfg.overwrite and os.path.isfile(path):
+    if cfg.overwrite:
+        return None
+    if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-        differ = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+        defaults = json.loads(json.dumps({k: v for k, v in asdict(EvalConfig(checkpoint=[])).items()}))
+        differ = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k)
+                        and not (k not in old and k in defaults and ident.get(k) == defaults[k]))
         if differ:
             what = ", ".join("the models (names or weights)" if k == "models" else _flag(k) for k in differ)
-            raise ValueError(f"--out {cfg.out!r} holds another evaluation (it differs in {what}): choose another "
-                             f"--out, or give --overwrite to replace it")
-    elif not cfg.overwrite and os.path.isfile(os.path.join(cfg.out, "results.json")):
-        raise ValueError(f"--out {cfg.out!r} holds an earlier evaluation's results.json, which kept no record of its "
-                         f"settings: choose another --out, or give --overwrite to replace it")
-    if main:
-        write_atomic(path, (json.dumps(ident, indent=1) + "\n").encode())
+            return f"--out {cfg.out!r} holds another evaluation (it differs in {what}): choose another --out, or " \
+                   f"give --overwrite to replace it"
+    elif os.path.isfile(os.path.join(cfg.out, "results.json")):
+        return f"--out {cfg.out!r} holds an earlier evaluation's results.json, which kept no record of its settings: " \
+               f"choose another --out, or give --overwrite to replace it"
+    return None
+
+
+def _check_out(models: dict, cfg: EvalConfig) -> Optional[dict]:
+    """--out holds one evaluation (``_identity``): the same evaluation again continues it (``_Progress``);
+    another is refused before any work, naming what differs, unless --overwrite. Rank 0 decides and every rank
+    raises the same error (a rank that raised alone would leave the others waiting). Returns the record to
+    write once the evaluation has started (``_record_out``)."""
+    if cfg.out is None:
+        return None
+    ident = _identity(models, cfg)
+    err = _out_conflict(ident, cfg) if udist.rank() == 0 else None
+    if udist.is_distributed():
+        err = udist.gather_objects(err)[0]
+    if err:
+        raise ValueError(err)
+    return ident
+
+
+def _record_out(ident: Optional[dict], job: "_Job") -> None:
+    """Claim --out for this evaluation once its data and settings proved valid (a command that fails before that
+    leaves the folder as it was). --overwrite first removes the other evaluation's results, so that a run that
+    dies early never leaves them beside this one's record."""
+    if ident is None or not job.out:
+        return
+    if job.cfg.overwrite:
+        for name in ("results.json", "table.md"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(job.out, name))
+    write_atomic(os.path.join(job.out, "evaluation.json"), (json.dumps(ident, indent=1) + "\n").encode())
 
 
 def validate(cfg: EvalConfig) -> None:
@@ -472,6 +519,9 @@ def _attack_paths(job: _Job, clfs: dict, tag: str, num_classes: int, y: torch.Te
             out[path]["attacks"].append(attack)
             out[path][attack] = {}
             for e in c.eps:
+                # reseeded whether the attack runs or is replayed: what runs after it (the next attack, the
+                # sweep) starts from the same stream either way
+                clfs[path].reseed(c.seed + 1 + k)
                 to = target if path == "mu" else None
                 unit = f"{path}/{attack}/{e!r}"
                 saved = progress.get(unit) if progress is not None else None
@@ -506,7 +556,6 @@ def _one_attack(job: _Job, clfs: dict, path: str, attack: str, k: int, steps: in
                 to: Optional[ProbabilisticClassifier], worst: dict, tag: str, y: torch.Tensor) -> dict:
     """The k-th attack of a path's ensemble at eps e, on the images the cascade leaves (all without it)."""
     c = job.cfg
-    clfs[path].reseed(c.seed + 1 + k)
     # --cascade: an image already wrong under an earlier attack cannot count as robust again, so only the others
     # are attacked (every rank holds the same worst, so every rank picks the same rows)
     live = None
@@ -547,17 +596,18 @@ def _head(job: _Job, name: str, task, budget, idx, feats, model_id: str) -> nn.M
                   epochs=c.head_epochs, lr=c.head_lr, loss=c.head_loss, M=c.bound if c.head_loss == "bounded" else None,
                   # the labelled images themselves: a head of the whole training split is not one of --holdout's
                   n_train=len(job.train.y), holdout=c.holdout)
-    # --heads, else this --out's own (an interrupted run's): the same head, so its finished attacks still apply
-    folder = c.heads or (os.path.join(c.out, "heads") if c.out else None)
-    if folder and os.path.isfile(_head_file(folder, name, task.name, budget)):
+    # --heads, then this --out's own (an interrupted run's): the same head, so its finished attacks still apply
+    for flag, folder in (("--heads", c.heads), ("--out", os.path.join(c.out, "heads") if c.out else None)):
+        if h is not None or not folder or not os.path.isfile(_head_file(folder, name, task.name, budget)):
+            continue
         saved = torch.load(_head_file(folder, name, task.name, budget), map_location="cpu", weights_only=True)
         if saved.get("recipe") == recipe:
             h = make_head(c.head, saved["d_in"], task.num_classes)
             h.load_state_dict(saved["state_dict"])
             h.eval()
         elif job.main:
-            warnings.warn(f"{'--heads' if c.heads else '--out'}: {_head_file(folder, name, task.name, budget)} was "
-                          f"trained another way or on other weights; training this head afresh", stacklevel=2)
+            warnings.warn(f"{flag}: {_head_file(folder, name, task.name, budget)} was trained another way or on "
+                          f"other weights; training this head afresh", stacklevel=2)
     if h is None and job.main:
         mu_tr, lv_tr, y_tr = feats
         h = train_head(mu_tr[idx], lv_tr[idx], y_tr[idx], num_classes=task.num_classes, head_kind=c.head,
@@ -726,8 +776,9 @@ def evaluate_models(models: dict[str, tuple[nn.Module, dict]], cfg: EvalConfig, 
         raise ValueError("dataset: required (EvalConfig.dataset or --dataset)")
     validate(cfg)
     check_models_match(models, cfg.dataset)
-    _claim_out(models, cfg, udist.rank() == 0)
+    ident = _check_out(models, cfg)
     job = _prepare(models, _resolve(cfg), splits)
+    _record_out(ident, job)
     c = job.cfg
     results: dict[str, Any] = dict(dataset=c.dataset, eps_list=c.eps, sweep_eps=c.sweep_eps, tasks=c.tasks,
                                    label_budgets=[str(b) for b in c.label_budgets], settings=_settings(job), models={})

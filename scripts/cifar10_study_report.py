@@ -231,6 +231,11 @@ def _compare(ra: dict, rb: dict, eps: str) -> dict:
     return dict(d=d, lo=lo, hi=hi, paired=False)
 
 
+def _verdict(c: dict) -> str:
+    """'>' / '<' when the difference's 95% interval lies above / below 0, '≈' otherwise."""
+    return ">" if c["lo"] > 0 else "<" if c["hi"] < 0 else "≈"
+
+
 def _diff(c: dict) -> str:
     return f"{100 * c['d']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]"
 
@@ -262,7 +267,7 @@ def _ordering(rows: list[dict], seed: int, eps: str, budget: str = "all", got: O
         c = _compare(got[a], got[b], eps)
         how = (f"paired, same {c['n']} images: {_diff(c)} points; {c['only_a']} right only for {a}, {c['only_b']} "
                f"only for {b}" if c["paired"] else f"unpaired: {_diff(c)} points")
-        parts.append(f"{a} {'>' if c['lo'] > 0 else '≈'} {b} ({how})")
+        parts.append(f"{a} {_verdict(c)} {b} ({how})")  # a is the more robust: never '<'
     desc = ", ".join(f"{n} {_fmt(h[n]['worst'][eps], h[n]['worst_ci'][eps])}" for n in order)
     return (f"seed {seed}, {what}, {_eps_label(eps)}: " + "; ".join(parts) + f" ({desc}; '>' when the 95% "
             f"interval of the difference excludes 0: paired where both evaluations kept per-image results, else "
@@ -286,10 +291,10 @@ def _across_seeds(rows: list[dict], seeds: list[int], eps: str, budget: str) -> 
     for a, b in CLAIM:
         cs = {s: _compare(got[a], got[b], eps) for s, got in per_seed.items()}
         each = ", ".join(f"seed {s} {_diff(c)}{'' if c['paired'] else ' unpaired'}" for s, c in cs.items())
-        verdicts = {">" if c["lo"] > 0 else "<" if c["hi"] < 0 else "≈" for c in cs.values()}
+        verdicts = {_verdict(c) for c in cs.values()}
         mean = sum(c["d"] for c in cs.values()) / len(cs)
         agree = (f"'{verdicts.pop()}' in every seed" if len(verdicts) == 1 else
-                 "the seeds disagree (" + ", ".join(f"seed {s} '{'>' if c['lo'] > 0 else '<' if c['hi'] < 0 else '≈'}'"
+                 "the seeds disagree (" + ", ".join(f"seed {s} '{_verdict(c)}'"
                                                     for s, c in cs.items()) + ")")
         parts.append(f"{a} - {b}: {each}; mean {100 * mean:+.1f} points; {agree}")
     return f"{head}: " + "; ".join(parts)

@@ -176,8 +176,9 @@ PYEOF
   done
 }
 
-eval_stage() {  # eval_stage <tier> [rep|sup]: 1 the all-label headline of every model; 2 the label budgets,
-  # bound and task (rep: only the representations' rows, bound and task; sup: only the supervised budget rows)
+eval_stage() {  # eval_stage <tier> [rep|sup|extra]: 1 the all-label headline of every model; 2 the label budgets,
+  # bound and task (rep: only the representations' budget rows; sup: only the supervised ones; extra: only the
+  # bound and the task)
   local cmds s u run m b common part=${2:-both}
   cmds=$(mktemp)
   qeval() {  # qeval <step> <out folder> <training step> <eval flags...>: queued unless done or its model is not
@@ -202,7 +203,7 @@ eval_stage() {  # eval_stage <tier> [rep|sup]: 1 the all-label headline of every
       continue
     fi
     for b in $BUDGETS; do
-      [ "$b" = all ] && continue
+      [ "$b" = all ] || [ "$part" = extra ] && continue
       [ "$part" = sup ] || for run in "$u" rocl_s$s simclr_s$s; do
         m=${run%%_*}
         qeval "eval_${run}_$b" "$OUT/eval_${run}_$b" "train_$run" --checkpoint "$OUT/$run/checkpoint.pt" \
@@ -213,7 +214,7 @@ eval_stage() {  # eval_stage <tier> [rep|sup]: 1 the all-label headline of every
           --name "${NAME[$m]}" --label-budgets "$b" --no-plots "${common[@]}"
       done
     done
-    [ "$part" = sup ] && continue
+    [ "$part" = sup ] || [ "$part" = rep ] && continue
     if [ -n "$BOUND" ]; then  # Proposition 1 for SimCLR+Urkle: heads on the bounded loss, the KL term's attacks
       qeval "bound_$u" "$OUT/bound_$u" "train_$u" --checkpoint "$OUT/$u/checkpoint.pt" --name SimCLR+Urkle \
         --eps $EPS --bound "$BOUND" --head-loss bounded --bound-samples 64 --apgd-steps 0 --square-queries 0 \
@@ -232,10 +233,11 @@ eval_stage() {  # eval_stage <tier> [rep|sup]: 1 the all-label headline of every
 
 export -f timed; export OUT PY
 # in order of what the table needs most: the headline of every seed first, then the representations' label
-# budgets, Proposition 1 and the task (the ordering the paper claims), then the supervised models of the label
-# budgets
+# budgets (the ordering the paper claims), then the supervised models of the label budgets (the rest of Table 2),
+# then Proposition 1 and the task (tables of their own)
 case "$PHASE" in
-  all) train_stage 1; select_stage; eval_stage 1; eval_stage 2 rep; train_stage 2; eval_stage 2 sup ;;
+  all) train_stage 1; select_stage; eval_stage 1; eval_stage 2 rep; train_stage 2; eval_stage 2 sup
+       eval_stage 2 extra ;;
   train) train_stage 1; train_stage 2 ;;
   select) select_stage ;;
   eval) eval_stage 1; eval_stage 2 ;;

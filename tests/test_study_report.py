@@ -211,3 +211,35 @@ def test_across_seeds_says_whether_every_seed_agrees():
     assert f"- {line8}" in table and f"- {line16}" in table
     one_seed = rep.markdown(dict(rows=rows[:3], settings={}, select=[], bound=[], tasks=[], times={}), ["all"])
     assert "## Across seeds" not in one_seed
+
+
+def test_across_seeds_pairs_a_seed_whose_evaluations_kept_per_image_results():
+    """Seed 0's three evaluations kept per-image bits on the same images (paired, Agresti-Min); seed 1's RoCL did
+    not (unpaired, Newcombe): each seed's difference says which it is, and the paired one is the sharper."""
+    rep = _report()
+    n = 16
+    right = {"SimCLR+Urkle": [True] * 8 + [False] * 8, "RoCL": [True] * 4 + [False] * 12, "SimCLR": [False] * n}
+
+    def bits(ok):
+        return bytes(sum(b << (7 - i) for i, b in enumerate(ok[k:k + 8])) for k in range(0, n, 8)).hex()
+
+    method = {"SimCLR+Urkle": "simclr_urkle", "RoCL": "rocl", "SimCLR": "simclr"}
+    rows = []
+    for s in (0, 1):
+        for name, ok in right.items():
+            w = sum(ok) / n
+            p = dict(_path(0.5, w, w), ok_bits={"worst": {E8: bits(ok), E16: bits(ok)}})
+            if s == 1 and name == "RoCL":
+                del p["ok_bits"]
+            rows.append(dict(seed=s, budget="all", method=method[name], name=name, n_test=n,
+                             headline=rep._cell({"mu": p}, "mu", fingerprint="same images")))
+    line = rep._across_seeds(rows, [0, 1], E8, "all")
+    d, lo, hi, only_a, only_b = rep.paired_difference(right["SimCLR+Urkle"], right["RoCL"])
+    assert (d, only_a, only_b) == (0.25, 4, 0)
+    paired = f"seed 0 +25.0 [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    _, ulo, uhi = rep.newcombe_difference(0.5, [0.48, 0.52], 0.25, [0.23, 0.27])
+    unpaired = f"seed 1 +25.0 [{100 * ulo:+.1f}, {100 * uhi:+.1f}] unpaired"
+    assert f"SimCLR+Urkle - RoCL: {paired}, {unpaired}; mean +25.0 points" in line, line
+    assert f"{paired} unpaired" not in line
+    # RoCL - SimCLR: paired in seed 0 (4 images only RoCL gets right), unpaired in seed 1
+    assert "RoCL - SimCLR: seed 0 +25.0 [" in line and line.count("unpaired") == 2

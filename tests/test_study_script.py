@@ -75,11 +75,13 @@ def test_study_runs_every_stage_and_resumes(tmp_path, data_root):
     assert trained == {"train_urkle_b0.01_s0", "train_urkle_b0.03_s0", "train_rocl_s0", "train_trades_s0",
                        "train_at_s0", "train_simclr_s0", "train_standard_s0", "train_trades_300_s0",
                        "train_at_300_s0", "train_standard_300_s0"}
-    # the representations' label budgets, Proposition 1 and the task before the supervised budget models
+    # the rows of Table 2 first (the representations' label budgets, then the supervised budget models), then
+    # Proposition 1 and the task
     chosen = (out / "select_s0" / "chosen.txt").read_text().strip()
     assert chosen in ("urkle_b0.01_s0", "urkle_b0.03_s0")
-    assert max(steps.index(s) for s in ("eval_rocl_s0_300", f"bound_{chosen}", "tasks_simclr_s0")) < \
-        steps.index("train_trades_300_s0") < steps.index("eval_trades_300_s0")
+    assert max(steps.index(s) for s in ("eval_rocl_s0_300", f"eval_{chosen}_300", "eval_simclr_s0_300")) < \
+        steps.index("train_trades_300_s0") < steps.index("eval_trades_300_s0") < \
+        min(steps.index(s) for s in (f"bound_{chosen}", f"tasks_{chosen}", "tasks_rocl_s0", "tasks_simclr_s0"))
     for d in [f"eval_{chosen}", "eval_rocl_s0", "eval_simclr_s0", "eval_trades_s0", "eval_at_s0",
               "eval_standard_s0", f"eval_{chosen}_300", "eval_rocl_s0_300", "eval_simclr_s0_300",
               "eval_trades_300_s0", "eval_at_300_s0", "eval_standard_300_s0", f"bound_{chosen}",

@@ -56,7 +56,12 @@ BOUND_N=${BOUND_N:-500}                  # test images of the Proposition 1 tabl
 TASKS=${TASKS-"animal_vehicle"}          # the other task of the representation models ("" = skip)
 CKPT_EVERY=${CKPT_EVERY:-20}
 EVAL_SEED=${EVAL_SEED:-0}                # test subset, label subsets, heads and attack draws of every seed's evaluation
+BATCH=256 WARMUP=0.5                    # every training's batch and warm-up (epochs of the all-label models)
 [ "$LANES" -ge 1 ] 2>/dev/null || { echo "LANES must be an integer >= 1, got '$LANES'" >&2; exit 2; }
+for b in $BUDGETS; do  # a budget below one batch would give its supervised model no whole batch to train on
+  [ "$b" = all ] || [ "$b" -ge "$BATCH" ] 2>/dev/null || {
+    echo "BUDGETS: each one 'all' or a label count >= $BATCH (one batch), got '$b'" >&2; exit 2; }
+done
 case "$PHASE" in all|train|select|eval|report) ;;
   *) echo "PHASE must be all, train, select, eval or report, got '$PHASE'" >&2; exit 2 ;; esac
 mkdir -p "$OUT/logs"
@@ -64,8 +69,8 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 touch "$OUT/times.tsv"
 EPS="0.031372549 0.062745098"            # 8/255, 16/255
 
-COMMON=(--dataset cifar10 --data-root "$DATA_ROOT" --arch resnet18_w16 --batch-size 256 --optimizer adamw
-        --base-lr 0.004 --warmup-epochs 0.5 --pgd-steps "$PGD_STEPS" --threads 1 --num-workers 0 --no-progress
+COMMON=(--dataset cifar10 --data-root "$DATA_ROOT" --arch resnet18_w16 --batch-size "$BATCH" --optimizer adamw
+        --base-lr 0.004 --warmup-epochs "$WARMUP" --pgd-steps "$PGD_STEPS" --threads 1 --num-workers 0 --no-progress
         --log-every 10 --ckpt-every "$CKPT_EVERY" --resume if-exists)
 
 timed() {  # timed <step> <command...>: log (appended: a resumed step keeps its history), wall time, exit status
@@ -113,11 +118,19 @@ runs_of_seed() {  # runs_of_seed <seed> <tier>: tier 1 the all-label models, tie
     for m in rocl trades at simclr standard; do echo "${m}_s$s|$m|--train-subset $TRAIN_SUBSET --epochs $EPOCHS"; done
     return
   fi
-  # the supervised models of the label budgets: as many image-steps on their own labelled images
+  # the supervised models of the label budgets, on their own labelled images: at least as many optimiser steps as
+  # the all-label models and the same warm-up steps. An epoch is whole batches (the loader drops the last partial
+  # one), so the epochs count steps: 8000 images x 4 epochs = 31 x 4 = 124 steps; 5000 labels 19 x 7 = 133 steps,
+  # 1000 labels 3 x 42 = 126 (epochs scaled by images alone gave 114 and 96: fewer steps for fewer labels)
+  local steps=$(( TRAIN_SUBSET / BATCH * EPOCHS )) spe ep warm
   for b in $BUDGETS; do
     [ "$b" = all ] && continue
-    local ep=$(( TRAIN_SUBSET * EPOCHS / b )); [ "$ep" -ge 1 ] || ep=1
-    for m in trades at standard; do echo "${m}_${b}_s$s|$m|--label-budget $b --epochs $ep"; done
+    spe=$(( b / BATCH ))
+    ep=$(( (steps + spe - 1) / spe ))
+    warm=$(awk -v w="$WARMUP" -v a=$(( TRAIN_SUBSET / BATCH )) -v s="$spe" 'BEGIN {printf "%.6g", w * a / s}')
+    for m in trades at standard; do
+      echo "${m}_${b}_s$s|$m|--label-budget $b --epochs $ep --warmup-epochs $warm"
+    done
   done
 }
 

@@ -316,7 +316,8 @@ def markdown(summary: dict, budgets: list[str]) -> str:
                   f"{'' if s.get('cascade') else ' [cascade off]'}. Representation rows: a {s['head']} head on the "
                   f"frozen features of all 50,000 / 5000 / 1000 labelled training images. Supervised rows: the "
                   f"classifier itself, trained on the study's training subset ('all') or on 5000 / 1000 labelled "
-                  f"images for the same number of image-steps.", ""]
+                  f"images for at least as many optimiser steps (whole epochs of the same batch) with the same warm-up "
+                  f"steps.", ""]
     head = ["method", "seed", "labels", "clean", "8/255", "16/255", "paper (clean / 8 / 16, all labels)"]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:

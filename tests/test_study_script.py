@@ -113,3 +113,30 @@ def test_study_refuses_a_bad_lane_count_and_phase_before_any_work(tmp_path):
         r = _study(tmp_path / "s", tmp_path, **env)
         assert r.returncode == 2 and msg in r.stderr
         assert not (tmp_path / "s").exists()
+
+
+def test_the_label_budget_models_train_at_least_the_all_label_steps_with_the_same_warm_up(tmp_path):
+    """The study's own settings, its trainings only, with `echo` for Python (each step's log holds the command):
+    8000 images x 4 epochs of batch 256 = 124 steps with a 15-step warm-up; 5000 labels (19 batches an epoch)
+    7 epochs = 133 steps, 1000 labels (3 batches) 42 = 126, each warm-up 15 steps. Epochs scaled by images
+    alone (6 and 32) gave 114 and 96 steps: less training for fewer labels."""
+    out = tmp_path / "s"
+    r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PY": "echo", "OUT": str(out), "SEEDS": "0", "PHASE": "train",
+                            "BUDGETS": "all 5000 1000"})
+    assert r.returncode == 0, r.stderr
+
+    def flags(step):  # the last value of each flag: argparse's
+        argv = (out / "logs" / f"{step}.log").read_text().split()
+        return {k: argv[len(argv) - argv[::-1].index(k)] for k in ("--epochs", "--warmup-epochs")}
+
+    assert flags("train_at_s0") == {"--epochs": "4", "--warmup-epochs": "0.5"}
+    for b, batches, epochs in ((5000, 19, 7), (1000, 3, 42)):
+        for m in ("at", "trades", "standard"):
+            f = flags(f"train_{m}_{b}_s0")
+            assert int(f["--epochs"]) == epochs and batches * epochs >= 124 > batches * (epochs - 1)
+            assert int(float(f["--warmup-epochs"]) * batches) == int(0.5 * 31) == 15
+    r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PY": "echo", "OUT": str(tmp_path / "t"), "BUDGETS": "all 100"})
+    assert r.returncode == 2 and "BUDGETS: each one 'all' or a label count >= 256" in r.stderr
+    assert not (tmp_path / "t").exists()

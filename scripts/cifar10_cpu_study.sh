@@ -9,7 +9,8 @@
 # Stages, per seed:
 #   train   every model on the same budget: the first TRAIN_SUBSET images of the trainer's fixed shuffle,
 #           EPOCHS epochs, batch 256, AdamW, training attack PGD-$PGD_STEPS at eps 8/255 for every adversarial
-#           method; LANES trainings at a time, one thread each (the 2 cores).
+#           method (RoCL with its official code's step and column-detached similarity); LANES trainings at a
+#           time, one thread each (the 2 cores).
 #   select  SimCLR+Urkle's beta (BETAS): each model's worst case at 8/255 on the last HOLDOUT images of the
 #           training split (never trained on: TRAIN_SUBSET + HOLDOUT <= 50,000), PGD-20 and APGD-CE on both of
 #           its prediction paths (APGD-DLR too on the S-sample one); the best worst case of the S-sample
@@ -110,12 +111,16 @@ pool() {  # pool <command file>: run its lines LANES at a time; a failed line is
 
 # run name | method | flags: the costliest first so that the lanes finish together
 runs_of_seed() {  # runs_of_seed <seed> <tier>: tier 1 the all-label models, tier 2 the label-budget classifiers
-  local s=$1 b
+  local s=$1 b official
   if [ "$2" = 1 ]; then
     for b in $BETAS; do
       echo "urkle_b${b}_s$s|simclr_urkle|--beta-robust $b --train-subset $TRAIN_SUBSET --epochs $EPOCHS"
     done
-    for m in rocl trades at simclr standard; do echo "${m}_s$s|$m|--train-subset $TRAIN_SUBSET --epochs $EPOCHS"; done
+    for m in rocl trades at simclr standard; do
+      # RoCL as its official code trains it: the column-detached similarity S = P P.detach()^T (docs/MATH.md sec. 5)
+      case $m in rocl) official=" --detach-columns" ;; *) official="" ;; esac
+      echo "${m}_s$s|$m|--train-subset $TRAIN_SUBSET --epochs $EPOCHS$official"
+    done
     return
   fi
   # the supervised models of the label budgets, on their own labelled images: at least as many optimiser steps as

@@ -25,9 +25,9 @@ METHODS = CONTRASTIVE + ["at", "vae_urkle", "trades"]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def _setup(method, B=10, seed=0):
+def _setup(method, B=10, seed=0, **extra):
     cfg = resolve_config(TrainConfig(method=method, dataset="digits", eps=0.1, pgd_steps=2, pgd_alpha=0.05,
-                                     beta_robust=0.5 if method != "trades" else 6.0))
+                                     beta_robust=0.5 if method != "trades" else 6.0, **extra))
     cfg.num_classes = 10
     torch.manual_seed(seed)
     model = build_model(vars(cfg)).train()
@@ -110,6 +110,34 @@ def test_chunks_give_the_gradient_of_the_whole_batch(method, monkeypatch):
             (loss * (sl.stop - sl.start) / 10).backward()
         wrong = _grads(model)
         assert any(not torch.allclose(wrong[n], g_a[n], atol=1e-5, rtol=1e-4) for n in g_a)
+
+
+@pytest.mark.parametrize("micro", [10, 4])
+def test_chunks_keep_rocls_official_similarity(micro, monkeypatch):
+    """RoCL with --detach-columns (S = P P.detach()^T: the gradient through the rows only, in the loss and the
+    attack) through the gradient cache, in one chunk and in chunks of 4, 4 and 2: the whole batch's gradient of
+    that loss, which is not the gradient of the plain similarity."""
+    monkeypatch.setattr(RepresentationModel, "sample",
+                        staticmethod(lambda mu, logvar: mu + torch.exp(0.5 * logvar) * torch.sin(131.0 * mu)))
+    if micro < 10:  # chunked attacks draw their random starts in other pieces: a fixed attack then
+        def attack(objective, x, hp, model, eot=1):
+            return (x + hp.eps * torch.sign(torch.sin(997.0 * x + 0.3))).clamp(0, 1)
+
+        monkeypatch.setattr(methods_mod, "_attack", attack)
+    cfg, model, views, y = _setup("rocl", detach_columns=True)
+    _without_batch_norm(model)
+    torch.manual_seed(3)
+    loss_a, _, g_a = _direct(model, "rocl", views, y, cfg)
+    torch.manual_seed(3)  # one chunk: the same random starts as the whole batch's attack
+    loss_b, _, g_b = _chunked(model, "rocl", views, y, cfg, micro=micro)
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=1e-5)
+    assert g_a.keys() == g_b.keys() and len(g_a) > 0
+    for n in g_a:
+        torch.testing.assert_close(g_b[n], g_a[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+    plain = _setup("rocl")[0]  # the same batch without the detach: another gradient
+    torch.manual_seed(3)
+    _, _, g_plain = _chunked(model, "rocl", views, y, plain, micro=micro)
+    assert any(not torch.allclose(g_plain[n], g_a[n], atol=1e-5, rtol=1e-4) for n in g_a)
 
 
 def test_chunks_argument_errors():

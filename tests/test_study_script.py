@@ -116,7 +116,8 @@ def test_study_refuses_a_bad_lane_count_and_phase_before_any_work(tmp_path):
 
 
 def test_the_label_budget_models_train_at_least_the_all_label_steps_with_the_same_warm_up(tmp_path):
-    """The study's own settings, its trainings only, with `echo` for Python (each step's log holds the command):
+    """The study's own settings, its trainings only, with `echo` for Python (each step's log holds the command).
+    RoCL trains with its official similarity.
     8000 images x 4 epochs of batch 256 = 124 steps with a 15-step warm-up; 5000 labels (19 batches an epoch)
     7 epochs = 133 steps, 1000 labels (3 batches) 42 = 126, each warm-up 15 steps. Epochs scaled by images
     alone (6 and 32) gave 114 and 96 steps: less training for fewer labels."""
@@ -131,6 +132,9 @@ def test_the_label_budget_models_train_at_least_the_all_label_steps_with_the_sam
         return {k: argv[len(argv) - argv[::-1].index(k)] for k in ("--epochs", "--warmup-epochs")}
 
     assert flags("train_at_s0") == {"--epochs": "4", "--warmup-epochs": "0.5"}
+    # RoCL with its official code's column-detached similarity, and no other method
+    detached = {p.stem for p in (out / "logs").glob("train_*.log") if "--detach-columns" in p.read_text().split()}
+    assert detached == {"train_rocl_s0"}
     for b, batches, epochs in ((5000, 19, 7), (1000, 3, 42)):
         for m in ("at", "trades", "standard"):
             f = flags(f"train_{m}_{b}_s0")

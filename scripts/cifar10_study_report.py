@@ -96,9 +96,14 @@ def collect(out: Path, seeds: list[int], budgets: list[str]) -> dict:
                 row = dict(seed=s, method=method, name=NAME[method], budget=b, folder=str(d))
                 if r is None:
                     rc = last_status.get(d.name)  # the study names each step's log and folder alike
+                    # the model's training step: eval_<run> (all labels, supervised budgets) or eval_<run>_<budget>
+                    run = d.name.removeprefix("eval_")
+                    run = run.rsplit("_", 1)[0] if method in REPRESENTATION and b != "all" else run
                     why = ("the held-out beta choice has not run" if d.name == "missing" else
                            f"failed (exit {rc}): logs/{d.name}.log" if rc not in (None, "0") else
-                           "evaluation started, not finished" if d.is_dir() else "not run yet")
+                           "evaluation started, not finished" if d.is_dir() else
+                           "trained; evaluation not run yet" if last_status.get(f"train_{run}") == "0" else
+                           "model not trained yet")
                     rows.append(dict(row, missing=why))
                     continue
                 e, kind = _entry(r, "class", b)

@@ -312,6 +312,37 @@ def test_micro_batch_auto_halves_on_a_real_out_of_memory(tmp_path):
     assert len(losses) == 2 and losses == fixed
 
 
+def test_micro_batch_auto_halves_on_cudas_out_of_memory_error(tmp_path, monkeypatch, capsys):
+    """CUDA's allocator raises torch.OutOfMemoryError, not the CPU's RuntimeError; on CUDA, auto tries the whole
+    batch first. Both played on the CPU: the estimate skipped, and a step of more than 64 images per pass raising
+    CUDA's error. The step is retried from the same state with 128, then 64 images per chunk, and the run trains
+    with the losses of a fixed --micro-batch 64."""
+    import json
+
+    import urkle_fast.train as train_mod
+
+    real = train_mod._forward_backward
+
+    def cuda_like(run, crops, labels, hp, beta):
+        if (run.micro or crops.shape[1]) > 64:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(run, crops, labels, hp, beta)
+
+    argv = ["--dataset", "digits", "--batch", "256", "--max-steps", "2", "--threads", "1", "--num-workers", "0",
+            "--no-progress", "--log-every", "1"]
+    monkeypatch.setattr(train_mod, "estimate_micro_batch", lambda *a, **k: (None, "the whole batch first"))
+    monkeypatch.setattr(train_mod, "_forward_backward", cuda_like)
+    assert train_mod.main(argv + ["--out-dir", str(tmp_path / "auto")]) == 0
+    err = capsys.readouterr().err
+    assert "out of memory at 256 images per chunk; step 0 again with 128" in err
+    assert "out of memory at 128 images per chunk; step 0 again with 64" in err
+    monkeypatch.setattr(train_mod, "_forward_backward", real)
+    assert train_mod.main(argv + ["--out-dir", str(tmp_path / "fixed"), "--micro-batch", "64"]) == 0
+    losses = [[json.loads(ln)["loss"] for ln in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("auto", "fixed")]
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
+
+
 def test_estimate_refuses_when_one_image_cannot_fit():
     """When the whole batch's stored views alone exceed the free memory, no chunk size helps: a MemoryError that says
     so, before any step (the trainer's exit 4)."""

@@ -69,7 +69,7 @@ def study(tmp_path):
         "".join(json.dumps(m) + "\n" for m in ({"step": 10, "img_per_s": 40.0}, {"step": 15, "loss": 1.0},
                                                {"step": 20, "img_per_s": 60.0}, {"step": 30, "img_per_s": 50.0})))
     (out / "times.tsv").write_text("train_rocl_s0\t600\t1\ntrain_at_s0\t9\t0\ntrain_rocl_s0\t50\t0\n"
-                                   "eval_trades_s0\t30\t1\n")
+                                   "eval_trades_s0\t30\t1\ntrain_trades_5000_s0\t40\t0\ntrain_simclr_s1\t5\t0\n")
     return out
 
 
@@ -81,10 +81,12 @@ def test_table_marks_what_did_not_run_and_states_the_ordering(study, tmp_path):
             json.loads((tmp_path / "r" / "summary.json").read_text())["rows"]}
     # every (method, seed, budget) cell is there: filled, or with the reason it is not
     assert len(rows) == 6 * 2 * 2
-    assert rows[("Standard", 0, "5000")]["missing"] == "not run yet"
+    assert rows[("Standard", 0, "5000")]["missing"] == "model not trained yet"
+    assert rows[("RoCL", 1, "5000")]["missing"] == "model not trained yet"
+    assert rows[("SimCLR", 1, "5000")]["missing"] == "trained; evaluation not run yet"  # its head's budget
     assert rows[("AT", 0, "all")]["missing"] == "evaluation started, not finished"
     assert rows[("TRADES", 0, "all")]["missing"] == "failed (exit 1): logs/eval_trades_s0.log"
-    assert rows[("TRADES", 0, "5000")]["missing"] == "not run yet"
+    assert rows[("TRADES", 0, "5000")]["missing"] == "trained; evaluation not run yet"
     assert rows[("SimCLR+Urkle", 1, "all")]["missing"] == "the held-out beta choice has not run"
     assert rows[("SimCLR+Urkle", 0, "all")]["headline"]["worst"][E8] == 0.30  # the S = 10 path is the headline
     assert rows[("SimCLR+Urkle", 0, "all")]["z_mu"]["worst"][E8] == 0.28

@@ -304,6 +304,26 @@ def test_design_card_command_line_parses():
         resolve_config(parse_args(["--dataset", "digits", "--epochs", "0"]))
 
 
+def test_design_card_command_runs_a_step_of_4096_real_images(tmp_path, data_root, capsys):
+    """The card's command as given (--dataset imagenet, --batch 4096, no --micro-batch) on the real Tiny ImageNet
+    tree, shrunk only in what a CI core can afford (16 pixels, a quarter-width ResNet-18, one PGD step): its first
+    step decodes and augments 4096 JPEGs through the ImageNet path, --micro-batch auto says what it chose, and the
+    step finishes with a finite loss. (At 64 pixels: BENCHMARKS.md, bench/results/cpu_card_command_64px.txt.)"""
+    import json
+    import math
+
+    card = ["--dataset", "imagenet", "--data-root", str(data_root / "tiny-imagenet-100"), "--batch", "4096"]
+    small = ["--image-size", "16", "--arch", "resnet18_w16", "--pgd-steps", "1", "--max-steps", "1", "--threads", "1",
+             "--num-workers", "0", "--no-progress", "--log-every", "1"]
+    assert main([*card, *small, "--out-dir", str(tmp_path / "card")]) == 0
+    err = capsys.readouterr().err
+    assert "--micro-batch auto: the whole batch (4096 images per process)" in err or \
+        "images per chunk (" in err and "of the 4096 per process)" in err, err[-2000:]
+    (m,) = [json.loads(ln) for ln in (tmp_path / "card" / "metrics.jsonl").read_text().splitlines()]
+    assert m["step"] == 1 and math.isfinite(m["loss"])
+    assert json.loads((tmp_path / "card" / "config.json").read_text())["batch_size"] == 4096
+
+
 def test_out_of_memory_in_a_step_says_how_to_fit(tmp_path, monkeypatch, capsys):
     def oom(self, *args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

@@ -398,6 +398,9 @@ def markdown(summary: dict, budgets: list[str]) -> str:
         lines += ["", "## Wall times (s, one core each; summed over the tries of a resumed step)", "",
                   "| step | s |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in summary["times"].items()]
+        if any(k.startswith("superseded_") for k in summary["times"]):
+            lines += ["", "superseded_*: the tries of runs that a later correction of the protocol replaced (their "
+                          "folders are kept under superseded/ in the study's folder); not part of any table above."]
     return "\n".join(lines) + "\n"
 
 

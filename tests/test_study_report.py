@@ -69,7 +69,8 @@ def study(tmp_path):
         "".join(json.dumps(m) + "\n" for m in ({"step": 10, "img_per_s": 40.0}, {"step": 15, "loss": 1.0},
                                                {"step": 20, "img_per_s": 60.0}, {"step": 30, "img_per_s": 50.0})))
     (out / "times.tsv").write_text("train_rocl_s0\t600\t1\ntrain_at_s0\t9\t0\ntrain_rocl_s0\t50\t0\n"
-                                   "eval_trades_s0\t30\t1\ntrain_trades_5000_s0\t40\t0\ntrain_simclr_s1\t5\t0\n")
+                                   "eval_trades_s0\t30\t1\ntrain_trades_5000_s0\t40\t0\ntrain_simclr_s1\t5\t0\n"
+                                   "superseded_train_rocl_s0\t70\t0\n")
     return out
 
 
@@ -111,6 +112,8 @@ def test_table_marks_what_did_not_run_and_states_the_ordering(study, tmp_path):
     assert table.count("seed 0, animal vs vehicle: not all three representation models are evaluated yet") == 1
     assert "| rocl_s0 | rocl | resnet18_w16 | 3 | 50.0 | 3 |" in table  # the median of the logged steps
     assert "| train_rocl_s0 | 650 |" in table and "| train_at_s0 | 9 |" in table  # an interrupted try counts
+    # a replaced run's tries stay apart from the step that replaced it, and say why
+    assert "| superseded_train_rocl_s0 | 70 |" in table and "superseded_*: the tries of runs" in table
     assert (tmp_path / "r" / "accuracy_vs_eps.png").stat().st_size > 1000
     assert (tmp_path / "r" / "worst_vs_labels.png").stat().st_size > 1000
 

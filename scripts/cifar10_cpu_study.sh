@@ -2,7 +2,7 @@
 # The paper's CIFAR-10 comparison (Table 2: SimCLR, RoCL, SimCLR+Urkle, and the supervised Standard, AT, TRADES)
 # at the scale a 2-core CPU allows. One command runs the whole study and continues where it stopped:
 #
-#   scripts/cifar10_cpu_study.sh                       # every stage, every seed (about 20 core-hours; RESULTS.md)
+#   scripts/cifar10_cpu_study.sh                       # every stage, every seed (about 25 core-hours; RESULTS.md)
 #   SEEDS=0 scripts/cifar10_cpu_study.sh               # one seed
 #   PHASE=train SEEDS=0 scripts/cifar10_cpu_study.sh   # only the trainings (PHASE=select / eval / report: one stage)
 #

@@ -131,7 +131,7 @@ runs_of_seed() {  # runs_of_seed <seed> <tier>: tier 1 the all-label models, tie
   for b in $BUDGETS; do
     [ "$b" = all ] && continue
     spe=$(( b / BATCH ))
-    ep=$(( (steps + spe - 1) / spe ))
+    ep=$(( (steps + spe - 1) / spe )); [ "$ep" -ge 1 ] || ep=1
     warm=$(awk -v w="$WARMUP" -v a=$(( TRAIN_SUBSET / BATCH )) -v s="$spe" 'BEGIN {printf "%.6g", w * a / s}')
     for m in trades at standard; do
       echo "${m}_${b}_s$s|$m|--label-budget $b --epochs $ep --warmup-epochs $warm"

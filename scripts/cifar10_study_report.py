@@ -46,6 +46,12 @@ def _cell(paths: dict, path: str, fingerprint=None) -> dict:
     return cell
 
 
+def _headline(paths: dict, fingerprint=None) -> dict:
+    """The row's headline cell: the S-sample prediction, or z = mu for a deterministic encoder (whose "samples"
+    path only notes that it is the same)."""
+    return _cell(paths, "samples" if "note" not in paths["samples"] else "mu", fingerprint)
+
+
 def _unpack(bits: str, n: int) -> list[bool]:
     """eval.unpack_ok without torch: the n images' bits from the hex string."""
     return [bool(byte >> (7 - i) & 1) for byte in bytes.fromhex(bits) for i in range(8)][:n]
@@ -116,7 +122,7 @@ def collect(out: Path, seeds: list[int], budgets: list[str]) -> dict:
                 row["config"] = {k: next(iter(r["models"].values()))["config"].get(k)
                                  for k in ("beta_robust", "train_subset", "epochs", "pgd_steps", "label_budget")}
                 fp = r["settings"].get("test_fingerprint")
-                row["headline"] = _cell(paths, "samples" if "note" not in paths["samples"] else "mu", fp)
+                row["headline"] = _headline(paths, fp)
                 if "note" not in paths["samples"]:
                     row["z_mu"] = _cell(paths, "mu")
                 rows.append(row)
@@ -173,8 +179,7 @@ def _tasks(out: Path, seeds) -> list[dict]:
             if e:
                 p = e["paths"]
                 rows.append(dict(seed=s, name=name, task=task, n_test=r["settings"]["n_test"],
-                                 headline=_cell(p, "samples" if "note" not in p["samples"] else "mu",
-                                                r["settings"].get("test_fingerprint"))))
+                                 headline=_headline(p, r["settings"].get("test_fingerprint"))))
     return rows
 
 

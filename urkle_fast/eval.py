@@ -235,7 +235,7 @@ def _out_conflict(ident: dict, cfg: EvalConfig) -> Optional[str]:
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-        defaults = json.loads(json.dumps({k: v for k, v in asdict(EvalConfig(checkpoint=[])).items()}))
+        defaults = json.loads(json.dumps(asdict(EvalConfig(checkpoint=[]))))
         differ = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k)
                         and not (k not in old and k in defaults and ident.get(k) == defaults[k]))
         if differ:

@@ -1,4 +1,5 @@
-"""Multi-view NT-Xent: fused op (no N x N logits) vs eager reference vs torch.compile(reference)."""
+"""Multi-view NT-Xent: fused op (no N x N logits) vs eager reference vs torch.compile(reference); the same for
+RoCL's official similarity S = P P.detach()^T (``--detach-columns``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 from conftest import DEVICE, compiled, run_case
 from urkle_fast import nt_xent, nt_xent_reference
+from urkle_fast.ops.nt_xent import nt_xent_column_detached, nt_xent_column_detached_reference
 
 # (V, B, d, dtype): N = V * B rows
 CASES = {
@@ -18,12 +20,14 @@ TAU = 0.5
 _compiled = {}
 
 
-def _impl(variant: str):
+def _impl(variant: str, detach_columns: bool = False):
+    fused, reference = ((nt_xent_column_detached, nt_xent_column_detached_reference) if detach_columns
+                        else (nt_xent, nt_xent_reference))
     if variant == "fused":
-        return nt_xent
+        return fused
     if variant == "eager":
-        return nt_xent_reference
-    return _compiled.setdefault("ntx", compiled(nt_xent_reference))
+        return reference
+    return _compiled.setdefault(detach_columns, compiled(reference))
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
@@ -44,3 +48,19 @@ def bench_nt_xent(benchmark, variant, mode, V, B, d, dtype):
         flops = 6.0 * N * N * d
     run_case(benchmark, op="nt_xent", mode=mode, case=f"V={V} B={B} d={d} {str(dtype)[6:]}", variant=variant,
              fn=call, dtype=dtype, shape=(N, d), flops=flops)
+
+
+@pytest.mark.parametrize("V,B,d,dtype", CASES, ids=[f"V{v}-B{b}-d{d}-{str(t)[6:]}" for v, b, d, t in CASES])
+def bench_nt_xent_column_detached(benchmark, variant, V, B, d, dtype):
+    """Forward + backward only: the forward is ``nt_xent``'s. The fused backward still computes the columns'
+    gradient and drops it (docstring of nt_xent_column_detached), so its cost is the plain op's; the eager
+    reference saves the columns' share of the matmuls."""
+    N = V * B
+    g = torch.Generator(device="cpu").manual_seed(0)
+    z = torch.randn(N, d, generator=g).to(device=DEVICE, dtype=dtype).requires_grad_(True)
+    fn = _impl(variant, detach_columns=True)
+
+    def call():
+        return torch.autograd.grad(fn(z, views=V, temperature=TAU), z)
+    run_case(benchmark, op="nt_xent_column_detached", mode="fwd_bwd", case=f"V={V} B={B} d={d} {str(dtype)[6:]}",
+             variant=variant, fn=call, dtype=dtype, shape=(N, d), flops=6.0 * N * N * d)

@@ -297,6 +297,13 @@ def test_sync_bn_on_cpu_processes_is_a_clear_error(tmp_path):
     assert "--sync-bn needs CUDA devices" in proc.stderr
 
 
+def test_detach_columns_under_torchrun_is_a_clear_error(tmp_path):
+    proc = _torchrun(tmp_path / "bad", "--method", "rocl", "--detach-columns", "--max-steps", "1", check=False)
+    assert proc.returncode != 0
+    assert "--detach-columns is RoCL's single-process similarity" in proc.stderr
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
 def test_init_distributed_errors(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert init_distributed("cpu").world_size == 1

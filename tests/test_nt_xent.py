@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from conftest import TOLERANCES
 from urkle_fast import NTXent, nt_xent, nt_xent_reference
-from urkle_fast.ops.nt_xent import nt_xent_rows_backward_reference, nt_xent_rows_reference
+from urkle_fast.ops.nt_xent import (nt_xent_column_detached, nt_xent_column_detached_reference,
+                                   nt_xent_rows_backward_reference, nt_xent_rows_reference)
 
 OP = "nt_xent"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -98,14 +99,20 @@ _SHAPES = [(V, B, d, den) for V, B, d in [(2, 19, 33), (4, 13, 33), (4, 1, 5), (
            for den in ("all", "negatives") if den == "all" or B >= 2]
 
 
+@pytest.mark.parametrize("detach_columns", [False, True], ids=["nt_xent", "column_detached"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("V,B,d,denominator", _SHAPES)
-def test_backend_matches_reference(backend, V, B, d, dtype, denominator):
+def test_backend_matches_reference(backend, V, B, d, dtype, denominator, detach_columns):
+    """nt_xent, and RoCL's official similarity (the same fused op, columns detached), against their references:
+    the value, and the gradient under an upstream gradient other than 1. No gradcheck for the column-detached
+    form: its rows-only gradient is not the gradient of its value, on purpose."""
+    fn, reference = ((nt_xent_column_detached, nt_xent_column_detached_reference) if detach_columns
+                     else (nt_xent, nt_xent_reference))
     tol = TOLERANCES[dtype]
     z = _z(V, B, d, dtype, backend.device).requires_grad_(True)
     z_ref = z.detach().clone().requires_grad_(True)
-    out = nt_xent(z, views=V, temperature=0.5, denominator=denominator)
-    ref = nt_xent_reference(z_ref, views=V, temperature=0.5, denominator=denominator)
+    out = fn(z, views=V, temperature=0.5, denominator=denominator)
+    ref = reference(z_ref, views=V, temperature=0.5, denominator=denominator)
     assert out.dtype == torch.float32 and out.dim() == 0
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     up = torch.tensor(1.7, device=backend.device)
@@ -114,6 +121,11 @@ def test_backend_matches_reference(backend, V, B, d, dtype, denominator):
     assert g.dtype == dtype and g.shape == z.shape
     scale = gr.float().abs().max().item()
     torch.testing.assert_close(g.float(), gr.float(), rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1e-3))
+    if detach_columns:  # the same value as nt_xent, but not its gradient: the columns' share is gone
+        torch.testing.assert_close(out, nt_xent(z.detach(), views=V, temperature=0.5, denominator=denominator))
+        (g_full,) = torch.autograd.grad(nt_xent_reference(z_ref, views=V, temperature=0.5, denominator=denominator),
+                                        z_ref, up)
+        assert (g_full.float() - gr.float()).abs().max() > 10 * tol["atol"] * max(scale, 1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -162,7 +174,7 @@ def test_module_form_equals_function():
     "z,kwargs,exc,match",
     [
         (torch.randn(10, 4), dict(views=4), ValueError, r"views must divide the number of rows N, got N=10, views=4"),
-        (torch.randn(3, 5, 4), dict(views=4), ValueError, r"must have V == views == 4, got shape \(3, 5, 4\)"),
+        (torch.randn(3, 5, 4), dict(views=4), ValueError, r"z of shape \[V, B, d\] must have V == views == 4, got shape \(3, 5, 4\)"),
         (torch.randn(8, 4), dict(views=1), ValueError, r"views must be >= 2"),
         (torch.randn(8, 4), dict(views=2.0), TypeError, r"views must be an int, got float"),
         (torch.randn(8, 4), dict(views=2, temperature=0.0), ValueError, r"temperature must be > 0.0, got 0.0"),
@@ -170,10 +182,11 @@ def test_module_form_equals_function():
         (torch.randn(0, 4), dict(views=2), ValueError, r"z must not be empty, got shape \(0, 4\)"),
         (torch.randn(8), dict(views=2), ValueError, r"z must be 2-D or 3-D, got 1-D"),
         (torch.randint(0, 3, (8, 4)), dict(views=2), TypeError, r"z must have dtype in .*got int64"),
-        (torch.randn(4, 4), dict(views=4, denominator="negatives"), ValueError, r"needs at least 2 images"),
+        (torch.randn(4, 4), dict(views=4, denominator="negatives"), ValueError, r"denominator='negatives' needs at least 2 images"),
         (torch.full((8, 4), float("nan")), dict(views=2), ValueError, r"z must be finite, got 32 non-finite"),
     ],
 )
-def test_bad_input_names_the_argument(z, kwargs, exc, match):
-    with pytest.raises(exc, match=match):
-        nt_xent(z, **kwargs)
+@pytest.mark.parametrize("fn", [nt_xent, nt_xent_column_detached])
+def test_bad_input_names_the_argument(fn, z, kwargs, exc, match):
+    with pytest.raises(exc, match=f"{fn.__name__}: {match}"):
+        fn(z, **kwargs)

@@ -77,14 +77,28 @@ def nt_xent_reference(z: Tensor, *, views: int, temperature: float = 0.5, denomi
     return loss_rows.sum() / (z2.shape[0] * (views - 1))
 
 
-def nt_xent_column_detached(z: Tensor, *, views: int, temperature: float = 0.5, denominator: str = "all") -> Tensor:
-    """NT-Xent with RoCL's official similarity S = P (P.detach())^T (Kim et al. 2020, loss.py): the value of
-    ``nt_xent``, but the gradient flows through each row's own projection only. Eager and one process (no
-    fused kernel, no gather): an option for reproducing RoCL, not a fast path."""
-    check_nt_xent_args("nt_xent_column_detached", z, views, temperature, denominator)
+def nt_xent_column_detached_reference(z: Tensor, *, views: int, temperature: float = 0.5,
+                                      denominator: str = "all") -> Tensor:
+    """Pure-torch NT-Xent with RoCL's official similarity S = P (P.detach())^T (Kim et al. 2020, loss.py):
+    the value of ``nt_xent_reference``, but the gradient flows through each row's own projection only."""
     z2 = z.reshape(-1, z.shape[-1])
     loss_rows, _ = nt_xent_rows_reference(z2, z2.detach(), views, temperature, DENOMINATORS[denominator], 0)
     return (loss_rows.sum() / (z2.shape[0] * (views - 1))).to(torch.float32)
+
+
+def nt_xent_column_detached(z: Tensor, *, views: int, temperature: float = 0.5, denominator: str = "all") -> Tensor:
+    """NT-Xent with RoCL's official similarity S = P (P.detach())^T: the fused op with the columns detached.
+
+    The same registered op as ``nt_xent`` (rows against columns, row offset 0), so the C++ kernels run on
+    the CPU and Triton on CUDA, without the N x N logits. Its backward still computes the columns'
+    gradient, which autograd then drops (the columns do not require grad): the kernels have no rows-only
+    backward. One process only (the trainer refuses ``--detach-columns`` under torch.distributed)."""
+    N, _, d = check_nt_xent_args("nt_xent_column_detached", z, views, temperature, denominator)
+    check_finite("nt_xent_column_detached", {"z": z})
+    z2 = z.reshape(N, d)
+    loss_rows, _ = torch.ops.urkle_fast.nt_xent_fwd(z2, z2.detach(), views, float(temperature),
+                                                    DENOMINATORS[denominator], 0)
+    return loss_rows.sum() / (N * (views - 1))
 
 
 def _backend_for(t: Tensor) -> str:

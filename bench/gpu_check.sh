@@ -16,7 +16,8 @@
 #   tests      pytest -m gpu tests/                        (+ $OUT/tests.xml)
 #   amp        the Urkle KL under bf16 autocast vs float32 (the Gaussian head stays float32;
 #              GPU_CHECK_DEVICE=cpu dry-runs it)
-#   bench      pytest bench/ --benchmark-only: fused vs eager vs torch.compile   (+ $OUT/bench.json)
+#   bench      pytest bench/bench_<suite>.py --benchmark-only, one suite at a time (nt_xent first), merged
+#              as each ends: fused vs eager vs torch.compile   (+ $OUT/bench.json)
 #   train      the trainer on CUDA (compile, bf16, channels_last), whole batch and --micro-batch
 #              (run folders under /tmp; GPU_CHECK_DEVICE=cpu dry-runs it)
 #   bandwidth  big tensor copy, GB/s
@@ -121,9 +122,28 @@ stage_bandwidth() {
 }
 
 stage_bench() {
-  "$PY" -m pytest bench/ --benchmark-only --benchmark-json "$OUT/bench.json" -q --benchmark-max-time="$BENCH_MAX_TIME"
-  local rc=$?
-  [ -f "$OUT/bench.json" ] && "$PY" bench/report.py "$OUT/bench.json" --title "GPU benchmarks" > "$OUT/bench.md"
+  # one pytest per suite, most important first, each merged into bench.json and bench.md as it ends:
+  # pytest-benchmark writes its JSON only when a session ends, so one session under the stage's time limit
+  # would lose every table to a cut
+  local rc=0 suite tmp part
+  tmp=$(mktemp -d) && part="$tmp/part.json"  # outside $OUT: a cut must not send back half-written files
+  local order=(nt_xent gaussian_kl pgd train_step) f
+  for f in bench/bench_*.py; do  # then any other suite, so that a new one is not left out
+    f=${f#bench/bench_}; f=${f%.py}
+    [[ " ${order[*]} " == *" $f "* ]] || order+=("$f")
+  done
+  for suite in "${order[@]}"; do
+    rm -f "$part"
+    "$PY" -m pytest "bench/bench_$suite.py" --benchmark-only --benchmark-json "$part" -q \
+      --benchmark-max-time="$BENCH_MAX_TIME" || rc=$?
+    if [ -f "$part" ]; then
+      local merged=("$part")
+      [ -f "$OUT/bench.json" ] && merged=("$OUT/bench.json" "$part")
+      "$PY" bench/report.py "${merged[@]}" --write-json "$OUT/bench.json" --title "GPU benchmarks" > "$tmp/bench.md" \
+        && mv "$tmp/bench.md" "$OUT/bench.md"
+      rm -f "$part"
+    fi
+  done
   return $rc
 }
 

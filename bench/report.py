@@ -1,6 +1,10 @@
 """Markdown tables from a pytest-benchmark JSON file (``pytest bench/ --benchmark-only --benchmark-json F``).
 
-    python bench/report.py F [--title TITLE] [--stat median|min]
+    python bench/report.py F [F ...] [--title TITLE] [--stat median|min] [--write-json MERGED]
+
+Several files (e.g. one pytest run per suite, as bench/gpu_check.sh does so that a time limit cannot take
+every table with it) are read as one: their benchmarks concatenated, the first file's machine and date;
+--write-json saves that merged file (atomically: a cut leaves the previous one whole).
 
 One row per (op, mode, case): the median (or --stat min: the best) time of each variant (fused = the public op, eager = the
 pure-torch reference, compiled = torch.compile of the reference), the ratios fused/eager and
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import OrderedDict
 
@@ -31,9 +36,24 @@ def _ratio(a, b):
     return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
 
-def load(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+def load(*paths: str) -> dict:
+    """One pytest-benchmark JSON, or several merged: benchmarks concatenated, the first file's other keys."""
+    merged: dict = {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if not merged:
+            merged = data
+        else:
+            merged.setdefault("benchmarks", []).extend(data.get("benchmarks", []))
+    return merged
+
+
+def write_json(data: dict, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
 
 
 def rows(data: dict) -> "OrderedDict[tuple, dict]":
@@ -94,11 +114,18 @@ def markdown(data: dict, title: str | None = None, stat: str = "median") -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", help="pytest-benchmark JSON file")
+    ap.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s), read as one")
     ap.add_argument("--title", default=None)
     ap.add_argument("--stat", default="median", choices=("median", "min"))
+    ap.add_argument("--write-json", default=None, metavar="MERGED", help="also save the merged JSON there")
     args = ap.parse_args(argv)
-    sys.stdout.write(markdown(load(args.json), args.title, args.stat))
+    missing = [p for p in args.json if not os.path.isfile(p)]
+    if missing:
+        ap.error(f"json: no such file: {', '.join(missing)}")
+    data = load(*args.json)
+    if args.write_json:
+        write_json(data, args.write_json)
+    sys.stdout.write(markdown(data, args.title, args.stat))
     return 0
 
 

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from urkle_fast import nt_xent, use_backend
 from urkle_fast.data import epoch_batches, load_dataset
 from urkle_fast.distributed import all_gather_with_grad, init_distributed
+from urkle_fast.ops.nt_xent import nt_xent_column_detached
 
 
 def nt_xent_global(z, **kw):
@@ -56,16 +57,19 @@ def _worker(rank, world, port, fn, args):
 # the global NT-Xent
 
 
-def _check_global_nt_xent(rank, world, out_dir, views, denominator, dtype, backend):
+def _check_global_nt_xent(rank, world, out_dir, views, denominator, dtype, backend, detach_columns=False):
+    """nt_xent (or with detach_columns RoCL's nt_xent_column_detached) of this rank's rows against every rank's
+    columns, against the same function of the concatenated batch in one process."""
+    fn = nt_xent_column_detached if detach_columns else nt_xent
     g = torch.Generator().manual_seed(123)
     b, d = 5, 13  # odd sizes: no tile divides them
     z_all = torch.randn(views, world * b, d, generator=g).to(dtype)
     z = z_all[:, rank * b:(rank + 1) * b].clone().requires_grad_()
     with use_backend(backend):
-        loss = nt_xent_global(z, views=views, temperature=0.3, denominator=denominator)
+        loss = fn(z, views=views, temperature=0.3, denominator=denominator, gather_distributed=True)
         (grad,) = torch.autograd.grad(loss * 1.7, z)  # an upstream gradient other than 1
         ref_z = z_all.clone().requires_grad_()
-        ref = nt_xent(ref_z, views=views, temperature=0.3, denominator=denominator)
+        ref = fn(ref_z, views=views, temperature=0.3, denominator=denominator)
         (ref_grad,) = torch.autograd.grad(ref * 1.7, ref_z)
     mean = loss.detach().clone()
     dist.all_reduce(mean)
@@ -85,6 +89,17 @@ def test_global_nt_xent_equals_single_process(tmp_path, world, views, denominato
         torch.testing.assert_close(res["grad"], res["ref_grad"], atol=2e-6, rtol=1e-5)
     losses = [torch.load(tmp_path / f"rank{r}.pt")["loss"] for r in range(world)]
     assert len(set(losses)) == world  # each rank's rows are its own
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_global_column_detached_nt_xent_equals_single_process(tmp_path, world):
+    """RoCL's similarity under torch.distributed: the columns gathered without a gradient; each rank's gradient
+    (DDP-averaged) is its rows' share of the rows-only gradient of the concatenated batch."""
+    _spawn(_check_global_nt_xent, world, str(tmp_path), 3, "all", torch.float32, "native", True)
+    for r in range(world):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        assert res["mean"] == pytest.approx(res["ref"], rel=1e-5, abs=1e-6)
+        torch.testing.assert_close(res["grad"], res["ref_grad"], atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend,dtype", [("reference", torch.float32), ("triton", torch.float32),
@@ -297,11 +312,10 @@ def test_sync_bn_on_cpu_processes_is_a_clear_error(tmp_path):
     assert "--sync-bn needs CUDA devices" in proc.stderr
 
 
-def test_detach_columns_under_torchrun_is_a_clear_error(tmp_path):
-    proc = _torchrun(tmp_path / "bad", "--method", "rocl", "--detach-columns", "--max-steps", "1", check=False)
-    assert proc.returncode != 0
-    assert "--detach-columns is RoCL's single-process similarity" in proc.stderr
-    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+def test_rocl_with_its_official_similarity_trains_under_torchrun(tmp_path):
+    _torchrun(tmp_path / "rocl", "--method", "rocl", "--detach-columns", "--max-steps", "2")
+    ckpt = torch.load(tmp_path / "rocl" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["config"]["detach_columns"] is True
 
 
 def test_init_distributed_errors(monkeypatch):
@@ -322,7 +336,7 @@ def test_init_distributed_errors(monkeypatch):
 # micro-batches x ranks: the gradient of the global batch
 
 
-def _deterministic_setup(method, patch=setattr):
+def _deterministic_setup(method, patch=setattr, detach_columns=False):
     """A digits model without batch norm, a deterministic attack and z noise (as in test_microbatch)."""
     from urkle_fast import methods as methods_mod
     from urkle_fast.data import MultiViewAugment, as_tensors
@@ -335,7 +349,8 @@ def _deterministic_setup(method, patch=setattr):
     patch(methods_mod, "_attack", attack)
     patch(RepresentationModel, "sample",
           staticmethod(lambda mu, logvar: mu + torch.exp(0.5 * logvar) * torch.sin(131.0 * mu)))
-    cfg = resolve_config(TrainConfig(method=method, dataset="digits", eps=0.1, beta_robust=0.5))
+    cfg = resolve_config(TrainConfig(method=method, dataset="digits", eps=0.1, beta_robust=0.5,
+                                     detach_columns=detach_columns))
     torch.manual_seed(0)
     model = build_model(vars(cfg)).train()
     for mod in list(model.modules()):
@@ -347,12 +362,12 @@ def _deterministic_setup(method, patch=setattr):
     return cfg, model, views, y
 
 
-def _micro_worker(rank, world, out_dir, method):
+def _micro_worker(rank, world, out_dir, method, detach_columns):
     from urkle_fast.distributed import all_reduce_gradients
     from urkle_fast.methods import LossParams, get_method
     from urkle_fast.microbatch import micro_batched_step
 
-    cfg, model, views, y = _deterministic_setup(method)
+    cfg, model, views, y = _deterministic_setup(method, detach_columns=detach_columns)
     b = views.shape[1] // world
     sl = slice(rank * b, (rank + 1) * b)
     loss, _ = micro_batched_step(model, get_method(method), views[:, sl], y[sl], LossParams.of(cfg), cfg.beta_robust,
@@ -361,14 +376,15 @@ def _micro_worker(rank, world, out_dir, method):
     torch.save({n: p.grad for n, p in model.named_parameters()}, Path(out_dir) / f"grad{rank}.pt")
 
 
-@pytest.mark.parametrize("method", ["simclr_urkle", "simclr", "rocl"])
-def test_micro_batches_on_two_ranks_give_the_global_gradient(tmp_path, method, monkeypatch):
+@pytest.mark.parametrize("method,detach_columns", [("simclr_urkle", False), ("simclr", False), ("rocl", False),
+                                                   ("rocl", True)])
+def test_micro_batches_on_two_ranks_give_the_global_gradient(tmp_path, method, detach_columns, monkeypatch):
     """Each rank: its 6 images in chunks of 4 + 2 (gradient cache over the global NT-Xent), then the
     gradient all-reduce == autograd through the unchunked loss of all 12 images in one process."""
     from urkle_fast.methods import LossParams, get_method
 
-    _spawn(_micro_worker, 2, str(tmp_path), method)
-    cfg, model, views, y = _deterministic_setup(method, patch=monkeypatch.setattr)
+    _spawn(_micro_worker, 2, str(tmp_path), method, detach_columns)
+    cfg, model, views, y = _deterministic_setup(method, patch=monkeypatch.setattr, detach_columns=detach_columns)
     loss, _ = get_method(method).loss(model, views, y, LossParams.of(cfg), cfg.beta_robust)
     loss.backward()
     for r in range(2):

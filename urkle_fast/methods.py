@@ -125,10 +125,11 @@ class Method:
 
 
 def contrastive(p: Tensor, V: int, hp: LossParams) -> Tensor:
-    """NT-Xent over V views of p [V * B, d]: the fused op (gathered over ranks), or with hp.detach_columns
-    RoCL's column-detached similarity (eager; one process)."""
+    """NT-Xent over V views of p [V * B, d]: the fused op gathered over ranks, with hp.detach_columns RoCL's
+    column-detached similarity."""
     if hp.detach_columns:
-        return nt_xent_column_detached(p, views=V, temperature=hp.temperature, denominator=hp.denominator)
+        return nt_xent_column_detached(p, views=V, temperature=hp.temperature, denominator=hp.denominator,
+                                       gather_distributed=True)
     return nt_xent(p, views=V, temperature=hp.temperature, denominator=hp.denominator, gather_distributed=True)
 
 

@@ -112,7 +112,7 @@ class TrainConfig:
                            choices=["all", "negatives"])
     eot: int = opt(1, "z samples averaged per RoCL attack step (with --encoder gaussian)")
     detach_columns: bool = opt(False, "NT-Xent with RoCL's official similarity P P.detach()^T (gradient through the "
-                               "rows only), in the loss and RoCL's attack; the fused op, one process")
+                               "rows only), in the loss and RoCL's attack")
     augment: Optional[str] = opt(None, "augmentation preset; None: the method's (simclr / digits for contrastive "
                                  "methods, light / none otherwise)", choices=["simclr", "digits", "light", "none"])
     train_subset: Optional[int] = opt(None, "train on N images: the first N (ImageFolder trees, stored class by "
@@ -492,9 +492,6 @@ def setup(cfg: TrainConfig) -> Run:
     cfg = resolve_config(cfg)
     ctx, method = udist.context(cfg.device), get_method(cfg.method)
     world, rank, on_cuda = ctx.world_size, ctx.rank, ctx.device.type == "cuda"
-    if cfg.detach_columns and world > 1:
-        raise ValueError("--detach-columns is RoCL's single-process similarity (no gather of detached columns); "
-                         "drop it under torchrun")
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the "
                          f"number of processes ({world})")

@@ -86,15 +86,21 @@ def nt_xent_column_detached_reference(z: Tensor, *, views: int, temperature: flo
     return (loss_rows.sum() / (z2.shape[0] * (views - 1))).to(torch.float32)
 
 
-def nt_xent_column_detached(z: Tensor, *, views: int, temperature: float = 0.5, denominator: str = "all") -> Tensor:
+def nt_xent_column_detached(z: Tensor, *, views: int, temperature: float = 0.5, denominator: str = "all",
+                            gather_distributed: bool = False) -> Tensor:
     """NT-Xent with RoCL's official similarity S = P (P.detach())^T: the fused op with the columns detached.
 
-    The same registered op as ``nt_xent`` (rows against columns, row offset 0), so the C++ kernels run on
-    the CPU and Triton on CUDA, without the N x N logits. Its backward still computes the columns'
-    gradient, which autograd then drops (the columns do not require grad): the kernels have no rows-only
-    backward. One process only (the trainer refuses ``--detach-columns`` under torch.distributed)."""
-    N, _, d = check_nt_xent_args("nt_xent_column_detached", z, views, temperature, denominator)
-    check_finite("nt_xent_column_detached", {"z": z})
+    The same registered op as ``nt_xent`` (rows against columns), so the C++ kernels run on the CPU and
+    Triton on CUDA, without the N x N logits. Its backward still computes the columns' gradient, which
+    autograd then drops (the columns do not require grad): the kernels have no rows-only backward.
+    ``gather_distributed`` as in ``nt_xent``: this rank's rows against every rank's (detached) columns, so
+    DDP's gradient averaging gives the rows-only gradient of the global batch's loss."""
+    fn = "nt_xent_column_detached"
+    N, b, d = check_nt_xent_args(fn, z, views, temperature, denominator)
+    if gather_distributed and udist.is_distributed():
+        _check_finite_on_every_rank(fn, z)
+        return _nt_xent_global(z, views, float(temperature), DENOMINATORS[denominator], N, b, d, detach_columns=True)
+    check_finite(fn, {"z": z})
     z2 = z.reshape(N, d)
     loss_rows, _ = torch.ops.urkle_fast.nt_xent_fwd(z2, z2.detach(), views, float(temperature),
                                                     DENOMINATORS[denominator], 0)
@@ -204,13 +210,7 @@ def nt_xent(z: Tensor, *, views: int, temperature: float = 0.5, denominator: str
     """
     N, b, d = check_nt_xent_args(_FN, z, views, temperature, denominator)
     if gather_distributed and udist.is_distributed():
-        # every rank learns of a non-finite rank and raises with it: a rank raising alone would leave the others
-        # waiting in the all-gather until the process group's timeout
-        if check_finite_enabled(z.device):
-            bad = udist.ranks_flagging(not bool(torch.isfinite(z).all()))
-            if bad:
-                raise NonFiniteInputError(f"{_FN}: z must be finite, got NaN or inf on rank(s) {bad} of "
-                                          f"{udist.world_size()}")
+        _check_finite_on_every_rank(_FN, z)
         return _nt_xent_global(z, views, float(temperature), DENOMINATORS[denominator], N, b, d)
     check_finite(_FN, {"z": z})
     z2 = z.reshape(N, d)
@@ -219,16 +219,29 @@ def nt_xent(z: Tensor, *, views: int, temperature: float = 0.5, denominator: str
     return loss_rows.sum() / (N * (views - 1))
 
 
-def _nt_xent_global(z: Tensor, views: int, temperature: float, den: int, N_local: int, b: int, d: int) -> Tensor:
+def _check_finite_on_every_rank(fn: str, z: Tensor) -> None:
+    """Every rank learns of a non-finite rank and raises with it: a rank raising alone would leave the others
+    waiting in the all-gather until the process group's timeout."""
+    if check_finite_enabled(z.device):
+        bad = udist.ranks_flagging(not bool(torch.isfinite(z).all()))
+        if bad:
+            raise NonFiniteInputError(f"{fn}: z must be finite, got NaN or inf on rank(s) {bad} of "
+                                      f"{udist.world_size()}")
+
+
+def _nt_xent_global(z: Tensor, views: int, temperature: float, den: int, N_local: int, b: int, d: int,
+                    detach_columns: bool = False) -> Tensor:
     """The rows of this rank against the columns of every rank (docs/KERNEL_CONTRACT.md, row offset).
 
     The columns are all-gathered with a gradient (urkle_fast.distributed.all_gather_with_grad, whose
-    backward sums every rank's column gradient); one fused-op call per view block, since a rank's rows
-    are V separate runs of the global view-major order [V, W * b, d]."""
+    backward sums every rank's column gradient), or without one (``detach_columns``: RoCL's similarity);
+    one fused-op call per view block, since a rank's rows are V separate runs of the global view-major
+    order [V, W * b, d]."""
     W, r = udist.world_size(), udist.rank()
     z3 = z.reshape(views, b, d)
+    local = z3.reshape(N_local, d)
     # [W * V * b, d] in rank order -> the global view-major order [V, W * b, d]
-    cols = udist.all_gather_with_grad(z3.reshape(N_local, d)).view(W, views, b, d).transpose(0, 1)
+    cols = udist.all_gather_with_grad(local.detach() if detach_columns else local).view(W, views, b, d).transpose(0, 1)
     cols = cols.reshape(W * N_local, d)
     B = W * b
     total = z.new_zeros((), dtype=torch.float32)

@@ -13,6 +13,8 @@ from urkle_fast.ops import (  # noqa: E402
     gaussian_kl,
     gaussian_kl_reference,
     nt_xent,
+    nt_xent_column_detached,
+    nt_xent_column_detached_reference,
     nt_xent_reference,
     pgd_random_start,
     pgd_step_,
@@ -20,5 +22,5 @@ from urkle_fast.ops import (  # noqa: E402
 )
 
 __all__ = ["GaussianKL", "NTXent", "all_gather_with_grad", "gaussian_kl", "gaussian_kl_reference", "nt_xent",
-           "nt_xent_reference",
+           "nt_xent_column_detached", "nt_xent_column_detached_reference", "nt_xent_reference",
            "pgd_random_start", "pgd_step_", "pgd_step_reference_", "use_backend", "__version__"]

@@ -59,7 +59,7 @@ run_stage() {  # run_stage NAME: its function under its limit, then its table, s
     echo
     [ -f "$OUT/$name.md" ] && cat "$OUT/$name.md" && echo
   } >> "$OUT/report.md"
-  rm -f "$OUT/$name.md"
+  rm -rf "$OUT/$name.md" "$OUT/.${name}_tmp"  # a stage's temporaries, also when its time limit cut it
   (cd "$OUT" && tar rf logs.tar "$name.log" && rm -f "$name.log")
   echo "   exit $rc after $((SECONDS - t0)) s"
   return $rc
@@ -124,24 +124,25 @@ stage_bandwidth() {
 stage_bench() {
   # one pytest per suite, most important first, each merged into bench.json and bench.md as it ends:
   # pytest-benchmark writes its JSON only when a session ends, so one session under the stage's time limit
-  # would lose every table to a cut
-  local rc=0 suite tmp part
-  tmp=$(mktemp -d) && part="$tmp/part.json"  # outside $OUT: a cut must not send back half-written files
-  local order=(nt_xent gaussian_kl pgd train_step) f
+  # would lose every table to a cut. Temporaries live in $OUT/.bench_tmp (the same filesystem: each mv is
+  # an atomic rename), which run_stage removes however the stage ended.
+  local rc=0 suite tmp="$OUT/.bench_tmp" order=(nt_xent gaussian_kl pgd train_step) f
+  rm -rf "$tmp" "$OUT/bench.json" "$OUT/bench.md" && mkdir -p "$tmp"  # an earlier run's tables are not merged in
   for f in bench/bench_*.py; do  # then any other suite, so that a new one is not left out
     f=${f#bench/bench_}; f=${f%.py}
     [[ " ${order[*]} " == *" $f "* ]] || order+=("$f")
   done
   for suite in "${order[@]}"; do
-    rm -f "$part"
-    "$PY" -m pytest "bench/bench_$suite.py" --benchmark-only --benchmark-json "$part" -q \
+    rm -f "$tmp/part.json"
+    "$PY" -m pytest "bench/bench_$suite.py" --benchmark-only --benchmark-json "$tmp/part.json" -q \
       --benchmark-max-time="$BENCH_MAX_TIME" || rc=$?
-    if [ -f "$part" ]; then
-      local merged=("$part")
-      [ -f "$OUT/bench.json" ] && merged=("$OUT/bench.json" "$part")
-      "$PY" bench/report.py "${merged[@]}" --write-json "$OUT/bench.json" --title "GPU benchmarks" > "$tmp/bench.md" \
-        && mv "$tmp/bench.md" "$OUT/bench.md"
-      rm -f "$part"
+    [ -f "$tmp/part.json" ] || continue  # a suite that ran nothing (e.g. CPU-only) or died before writing
+    local merged=("$tmp/part.json")
+    [ -f "$OUT/bench.json" ] && merged=("$OUT/bench.json" "$tmp/part.json")
+    if "$PY" bench/report.py "${merged[@]}" --write-json "$tmp/bench.json" --title "GPU benchmarks" > "$tmp/bench.md"; then
+      mv "$tmp/bench.json" "$OUT/bench.json" && mv "$tmp/bench.md" "$OUT/bench.md"
+    else
+      rc=1
     fi
   done
   return $rc

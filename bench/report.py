@@ -123,9 +123,10 @@ def main(argv=None) -> int:
     if missing:
         ap.error(f"json: no such file: {', '.join(missing)}")
     data = load(*args.json)
+    table = markdown(data, args.title, args.stat)  # first: a file that cannot be tabulated is not written
     if args.write_json:
         write_json(data, args.write_json)
-    sys.stdout.write(markdown(data, args.title, args.stat))
+    sys.stdout.write(table)
     return 0
 
 

@@ -83,7 +83,7 @@ def nt_xent_column_detached_reference(z: Tensor, *, views: int, temperature: flo
     the value of ``nt_xent_reference``, but the gradient flows through each row's own projection only."""
     z2 = z.reshape(-1, z.shape[-1])
     loss_rows, _ = nt_xent_rows_reference(z2, z2.detach(), views, temperature, DENOMINATORS[denominator], 0)
-    return (loss_rows.sum() / (z2.shape[0] * (views - 1))).to(torch.float32)
+    return loss_rows.sum() / (z2.shape[0] * (views - 1))
 
 
 def nt_xent_column_detached(z: Tensor, *, views: int, temperature: float = 0.5, denominator: str = "all",

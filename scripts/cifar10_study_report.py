@@ -310,6 +310,23 @@ def _across_seeds(rows: list[dict], seeds: list[int], eps: str, budget: str) -> 
     return f"{head}: " + "; ".join(parts)
 
 
+def _supervised_vs_urkle(rows: list[dict], seed: int, eps: str, budget: str) -> Optional[str]:
+    """AT and TRADES (labels, the same training images) against SimCLR+Urkle at one seed, budget and eps: each
+    difference with its interval (paired where both kept per-image results). None when SimCLR+Urkle's row is
+    not evaluated; a model not evaluated yet is left out of the line."""
+    got = {r["method"]: r for r in rows if r["seed"] == seed and r["budget"] == budget and "headline" in r
+           and r["headline"]["worst"].get(eps) is not None}
+    u = got.get("simclr_urkle")
+    if u is None:
+        return None
+    parts = []
+    for m in ("at", "trades"):
+        if m in got:
+            c = _compare(got[m], u, eps)
+            parts.append(f"{NAME[m]} - SimCLR+Urkle {_diff(c)}{'' if c['paired'] else ' unpaired'} '{_verdict(c)}'")
+    return f"seed {seed}, labels {budget}, {_eps_label(eps)}: " + "; ".join(parts) if parts else None
+
+
 def _eps_label(e: str) -> str:
     return f"{round(float(e) * 255)}/255"
 
@@ -355,6 +372,11 @@ def markdown(summary: dict, budgets: list[str]) -> str:
         lines += ["", "## Across seeds (each seed's difference in points with its 95% interval; '>' when it excludes "
                   "0; one seed's interval holds the test images' noise, the spread between seeds the training's)", ""]
         lines += [f"- {_across_seeds(rows, seeds, e, b)}" for b in budgets for e in EPS]
+    versus = [line for s in seeds for b in budgets for e in EPS if (line := _supervised_vs_urkle(rows, s, e, b))]
+    if versus:
+        lines += ["", "## The supervised adversarial models against SimCLR+Urkle (difference in points, 95% "
+                  "interval; '>' / '<' when it excludes 0)", ""]
+        lines += [f"- {line}" for line in versus]
     if summary["select"]:
         lines += ["", "## SimCLR+Urkle's beta, chosen on held-out training images (worst case at 8/255)", "",
                   "| seed | beta | n | S = 10 clean | S = 10 worst 8/255 | z = mu worst 8/255 | chosen |",

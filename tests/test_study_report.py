@@ -248,3 +248,25 @@ def test_across_seeds_pairs_a_seed_whose_evaluations_kept_per_image_results():
     assert f"{paired} unpaired" not in line
     # RoCL - SimCLR: paired in seed 0 (4 images only RoCL gets right), unpaired in seed 1
     assert "RoCL - SimCLR: seed 0 +25.0 [" in line and line.count("unpaired") == 2
+
+
+def test_supervised_models_are_compared_with_simclr_urkle():
+    """AT and TRADES against SimCLR+Urkle per seed, budget and eps; a model without a row is left out, and no line
+    without SimCLR+Urkle's."""
+    rep = _report()
+    rows = [dict(seed=0, budget="all", method=m, name=n, n_test=2000, headline=rep._cell({"mu": _path(0.5, w8, w16)}, "mu"))
+            for m, n, w8, w16 in (("simclr_urkle", "SimCLR+Urkle", 0.20, 0.05), ("at", "AT", 0.30, 0.06))]
+    rows.append(dict(seed=0, budget="all", method="trades", name="TRADES", missing="model not trained yet"))
+    line8 = rep._supervised_vs_urkle(rows, 0, E8, "all")
+    d, lo, hi = rep.newcombe_difference(0.30, [0.28, 0.32], 0.20, [0.18, 0.22])
+    assert line8 == f"seed 0, labels all, 8/255: AT - SimCLR+Urkle +10.0 [{100 * lo:+.1f}, {100 * hi:+.1f}] unpaired '>'"
+    assert rep._supervised_vs_urkle(rows, 0, E16, "all").endswith("AT - SimCLR+Urkle +1.0 [-1.8, +3.8] unpaired '≈'")
+    assert rep._supervised_vs_urkle(rows[1:], 0, E8, "all") is None  # no SimCLR+Urkle row
+    assert rep._supervised_vs_urkle(rows, 1, E8, "all") is None  # no such seed
+    table = rep.markdown(dict(rows=rows, settings={}, select=[], bound=[], tasks=[], times={}), ["all"])
+    assert "## The supervised adversarial models against SimCLR+Urkle" in table and f"- {line8}" in table
+    two = rows + [dict(r, seed=1) for r in rows]
+    table = rep.markdown(dict(rows=two, settings={}, select=[], bound=[], tasks=[], times={}), ["all"])
+    assert f"- {line8}" in table and "- seed 1, labels all, 8/255: AT - SimCLR+Urkle +10.0" in table
+    no_urkle = rep.markdown(dict(rows=rows[1:], settings={}, select=[], bound=[], tasks=[], times={}), ["all"])
+    assert "## The supervised adversarial models" not in no_urkle

@@ -475,7 +475,7 @@ def plot_budgets(summary: dict, budgets: list[str], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(EPS), figsize=(9, 3.8), dpi=120, sharey=False)
+    fig, axes = plt.subplots(1, len(EPS), figsize=(11, 3.8), dpi=120, sharey=False)
     series = sorted({(r["method"], r["seed"]) for r in summary["rows"]},
                     key=lambda m: ((REPRESENTATION + SUPERVISED).index(m[0]), m[1]))
     for ax, e in zip(axes, EPS):
@@ -496,7 +496,8 @@ def plot_budgets(summary: dict, budgets: list[str], path: str) -> None:
         ax.set_ylabel("worst-case accuracy (%)")
         ax.set_title(f"{_eps_label(e)}", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6)
+    # beside the panels, not over them: with two seeds the legend covers the 8/255 panel's 1000-label points
+    axes[-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle("CIFAR-10, CPU scale: worst case over every attack against the label budget (95% intervals)",
                  fontsize=8)
     fig.tight_layout()

@@ -52,10 +52,9 @@ def bench_nt_xent(benchmark, variant, mode, V, B, d, dtype):
 
 @pytest.mark.parametrize("V,B,d,dtype", CASES, ids=[f"V{v}-B{b}-d{d}-{str(t)[6:]}" for v, b, d, t in CASES])
 def bench_nt_xent_column_detached(benchmark, variant, V, B, d, dtype):
-    """Forward + backward only: the forward is ``nt_xent``'s. The fused backward still computes the columns'
-    gradient and drops it (docstring of nt_xent_column_detached), so its cost is the plain op's. A
-    materialising implementation needs 2 N^2 d forward + 2 N^2 d backward (the rows' share only): the FLOPs
-    counted, so the fused op's throughput is of the work the similarity needs, not of the work it does."""
+    """Forward + backward only: the forward is ``nt_xent``'s; the fused backward runs the kernels' rows pass
+    alone (cols_grad=False). FLOPs counted: 2 N^2 d forward + 2 N^2 d backward (the rows' share), what a
+    materialising implementation needs."""
     N = V * B
     g = torch.Generator(device="cpu").manual_seed(0)
     z = torch.randn(N, d, generator=g).to(device=DEVICE, dtype=dtype).requires_grad_(True)

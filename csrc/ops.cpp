@@ -29,8 +29,10 @@ TORCH_LIBRARY(urkle_fast, m) {
   // Multi-view NT-Xent (docs/MATH.md section 4): rows of this call vs all gathered columns.
   m.def("nt_xent_fwd_native(Tensor z_rows, Tensor z_cols, int views, float temperature, int denominator, "
         "int row_offset) -> (Tensor loss_rows, Tensor lse)");
+  // cols_grad=False: dz_cols is zeros and not computed (the columns are detached: RoCL's similarity)
   m.def("nt_xent_bwd_native(Tensor grad_rows, Tensor z_rows, Tensor z_cols, Tensor lse, int views, "
-        "float temperature, int denominator, int row_offset) -> (Tensor dz_rows, Tensor dz_cols)");
+        "float temperature, int denominator, int row_offset, bool cols_grad=True) "
+        "-> (Tensor dz_rows, Tensor dz_cols)");
 }
 
 namespace {

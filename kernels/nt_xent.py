@@ -469,16 +469,18 @@ def nt_xent_fwd(z_rows, z_cols, views: int, temperature: float, denominator: int
 
 
 def nt_xent_bwd(grad_rows, z_rows, z_cols, lse, views: int, temperature: float, denominator: int,
-                row_offset: int, *, launch=_identity):
-    """(dz_rows [n, d], dz_cols [N, d]) in the dtypes of z_rows / z_cols, from grad_rows [n] float32."""
+                row_offset: int, cols_grad: bool = True, *, launch=_identity):
+    """(dz_rows [n, d], dz_cols [N, d]) in the dtypes of z_rows / z_cols, from grad_rows [n] float32.
+    cols_grad=False: the columns kernel is not launched and dz_cols is zeros (detached columns)."""
     n, d = z_rows.shape
     N = z_cols.shape[0]
     B = N // views
     z_rows, z_cols = _unit_stride(z_rows), _unit_stride(z_cols)
     dz_rows = torch.empty((n, d), dtype=z_rows.dtype, device=z_rows.device)
     dz_cols = torch.empty((N, d), dtype=z_cols.dtype, device=z_cols.device)
-    if n == 0:
+    if n == 0 or not cols_grad:
         dz_cols.zero_()
+    if n == 0:
         return dz_rows, dz_cols
     if grad_rows.dtype != torch.float32:
         grad_rows = grad_rows.to(torch.float32)
@@ -494,6 +496,8 @@ def nt_xent_bwd(grad_rows, z_rows, z_cols, lse, views: int, temperature: float, 
     launch(_nt_xent_bwd_rows_kernel)[grid_r](
         z_rows, z_cols, rr, rc, lse, grad_rows, dz_rows, *args,
         BLOCK_D=block_d, BLOCK_DO=block_do, SINGLE_D=single, REUSE=reuse, F32_DOT=f32_dot, DOT_F32=DOT_F32)
+    if not cols_grad:
+        return dz_rows, dz_cols
     # float16 only: G enters a float16 tl.dot operand; divide it by max|grad| so tiny upstream
     # gradients (1 / (N (V-1))) do not fall into float16's subnormals. bf16 / fp32 have the range.
     scale_c = z_rows.dtype == torch.float16

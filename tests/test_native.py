@@ -176,6 +176,22 @@ def test_nt_xent_row_offset_shards_add_up(views, denominator, strategy, monkeypa
     torch.testing.assert_close(full_grad.double(), ref_grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("strategy", ["private", "split"])
+def test_nt_xent_bwd_without_cols_grad_gives_the_same_rows(strategy, monkeypatch):
+    """cols_grad=False (detached columns): dz_rows bit-identical to the full backward's under either strategy,
+    dz_cols zeros, for the whole batch and for a shard with a row offset."""
+    monkeypatch.setenv("URKLE_FAST_NT_XENT_CPU_BWD", strategy)
+    torch.manual_seed(2)
+    z = torch.randn(3 * 23, 40)
+    for lo, hi in ((0, 69), (11, 50)):
+        _, lse = ops.nt_xent_fwd_native(z[lo:hi], z, 3, 0.4, 0, lo)
+        c = torch.randn(hi - lo)
+        full = ops.nt_xent_bwd_native(c, z[lo:hi], z, lse, 3, 0.4, 0, lo)
+        rows_only = ops.nt_xent_bwd_native(c, z[lo:hi], z, lse, 3, 0.4, 0, lo, False)
+        assert torch.equal(rows_only[0], full[0])
+        assert torch.equal(rows_only[1], torch.zeros_like(z)) and full[1].abs().max() > 0
+
+
 def test_nt_xent_alias_and_copy_agree():
     """z_rows as a view into z_cols (U_rows shared with U_cols) and as a separate copy: same numbers."""
     torch.manual_seed(1)

@@ -43,6 +43,9 @@ def _cases(device):
         "nt_xent_fwd-negatives-offset": (torch.ops.urkle_fast.nt_xent_fwd.default, (rows, cols, 3, 0.5, 1, 4)),
         "nt_xent_bwd": (torch.ops.urkle_fast.nt_xent_bwd.default,
                         (torch.rand(6, device=device), rows.detach(), cols.detach(), lse, 3, 0.5, 0, 4)),
+        "nt_xent_bwd-rows-only": (torch.ops.urkle_fast.nt_xent_bwd.default,
+                                  (torch.rand(6, device=device), rows.detach(), cols.detach(), lse, 3, 0.5, 0, 4,
+                                   False)),
     }
 
 
@@ -61,7 +64,8 @@ def test_opcheck(backend, case):
 
 
 @pytest.mark.parametrize("name", ["gaussian_kl_fwd_native", "gaussian_kl_bwd_native", "pgd_step_linf_native_",
-                                  "pgd_step_l2_native_", "nt_xent_fwd_native", "nt_xent_bwd_native"])
+                                  "pgd_step_l2_native_", "nt_xent_fwd_native", "nt_xent_bwd_native",
+                                  "nt_xent_bwd_native-rows-only"])
 def test_opcheck_native_ops(name):
     if not _backend.native_ops_present():
         pytest.skip("urkle_fast._C not built")
@@ -76,7 +80,8 @@ def test_opcheck_native_ops(name):
         "pgd_step_l2_native_": (*pgd, 0.5, 1.0, 0.0, 1.0),
         "nt_xent_fwd_native": (z, z, 3, 0.5, 1, 0),
         "nt_xent_bwd_native": (torch.rand(12), z, z, lse, 3, 0.5, 0, 0),
+        "nt_xent_bwd_native-rows-only": (torch.rand(12), z, z, lse, 3, 0.5, 0, 0, False),
     }[name]
     # native ops have no autograd of their own (the public ops carry it)
-    torch.library.opcheck(getattr(torch.ops.urkle_fast, name).default, args,
+    torch.library.opcheck(getattr(torch.ops.urkle_fast, name.removesuffix("-rows-only")).default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

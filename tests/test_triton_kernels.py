@@ -214,6 +214,9 @@ def _check_nt(V, N, d, dtype, denominator, row_offset, n_rows, tau=0.5, seed=0):
     assert dz_cols.dtype == dtype and dz_cols.shape == z_cols.shape
     _close(dz_rows, e_rows, dtype)
     _close(dz_cols, e_cols, dtype)
+    # detached columns: the rows kernel alone, the same dz_rows, dz_cols zeros
+    rows_only, zero_cols = nt_k.nt_xent_bwd(grad, z_rows, z_cols, lse, V, tau, denominator, row_offset, False)
+    assert torch.equal(rows_only, dz_rows) and torch.equal(zero_cols, torch.zeros_like(z_cols))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

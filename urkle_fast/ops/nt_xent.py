@@ -52,8 +52,10 @@ def nt_xent_rows_reference(z_rows: Tensor, z_cols: Tensor, views: int, temperatu
 
 
 def nt_xent_rows_backward_reference(grad_rows: Tensor, z_rows: Tensor, z_cols: Tensor, lse: Tensor, views: int,
-                                    temperature: float, denominator: int, row_offset: int) -> tuple[Tensor, Tensor]:
-    """Materialising reference of the kernel backward (explicit G, not autograd): (dz_rows, dz_cols)."""
+                                    temperature: float, denominator: int, row_offset: int,
+                                    cols_grad: bool = True) -> tuple[Tensor, Tensor]:
+    """Materialising reference of the kernel backward (explicit G, not autograd): (dz_rows, dz_cols); with
+    cols_grad=False dz_cols is zeros (detached columns)."""
     zr, zc = _acc(z_rows), _acc(z_cols)
     nr = zr.norm(dim=1, keepdim=True).clamp_min(_NORM_FLOOR)
     nc = zc.norm(dim=1, keepdim=True).clamp_min(_NORM_FLOOR)
@@ -64,8 +66,10 @@ def nt_xent_rows_backward_reference(grad_rows: Tensor, z_rows: Tensor, z_cols: T
     p = torch.exp(s - _acc(lse)[:, None]) * den
     G = c * ((views - 1) * p - pos.to(p.dtype))
     du_r = G @ u_c / temperature
-    du_c = G.T @ u_r / temperature
+    du_c = G.T @ u_r / temperature if cols_grad else None
     dz_r = (du_r - u_r * (u_r * du_r).sum(1, keepdim=True)) / nr
+    if not cols_grad:
+        return dz_r.to(z_rows.dtype), torch.zeros_like(z_cols)
     dz_c = (du_c - u_c * (u_c * du_c).sum(1, keepdim=True)) / nc
     return dz_r.to(z_rows.dtype), dz_c.to(z_cols.dtype)
 
@@ -91,8 +95,8 @@ def nt_xent_column_detached(z: Tensor, *, views: int, temperature: float = 0.5, 
     """NT-Xent with RoCL's official similarity S = P (P.detach())^T: the fused op with the columns detached.
 
     The same registered op as ``nt_xent`` (rows against columns), so the C++ kernels run on the CPU and
-    Triton on CUDA, without the N x N logits. Its backward still computes the columns' gradient, which
-    autograd then drops (the columns do not require grad): the kernels have no rows-only backward.
+    Triton on CUDA, without the N x N logits. The columns do not require grad, so its backward runs the
+    kernels' rows pass only (``cols_grad=False``).
     ``gather_distributed`` as in ``nt_xent``: this rank's rows against every rank's (detached) columns, so
     DDP's gradient averaging gives the rows-only gradient of the global batch's loss."""
     fn = "nt_xent_column_detached"
@@ -127,17 +131,17 @@ def _nt_xent_fwd_op(z_rows: Tensor, z_cols: Tensor, views: int, temperature: flo
 
 @torch.library.triton_op("urkle_fast::nt_xent_bwd", mutates_args=())
 def _nt_xent_bwd_op(grad_rows: Tensor, z_rows: Tensor, z_cols: Tensor, lse: Tensor, views: int, temperature: float,
-                    denominator: int, row_offset: int) -> tuple[Tensor, Tensor]:
+                    denominator: int, row_offset: int, cols_grad: bool = True) -> tuple[Tensor, Tensor]:
     backend = _backend_for(z_rows)
     if backend == "triton":
         return _backend.kernels_module("nt_xent").nt_xent_bwd(grad_rows, z_rows, z_cols, lse, views, temperature,
-                                                              denominator, row_offset,
+                                                              denominator, row_offset, cols_grad,
                                                               launch=torch.library.wrap_triton)
     if backend == "native":
         return tuple(torch.ops.urkle_fast.nt_xent_bwd_native(grad_rows, z_rows, z_cols, lse, views, temperature,
-                                                             denominator, row_offset))
+                                                             denominator, row_offset, cols_grad))
     return nt_xent_rows_backward_reference(grad_rows, z_rows, z_cols, lse, views, temperature, denominator,
-                                           row_offset)
+                                           row_offset, cols_grad)
 
 
 def _setup_context(ctx, inputs, output):
@@ -152,8 +156,12 @@ def _backward(ctx, grad_rows, grad_lse):
     z_rows, z_cols, lse = ctx.saved_tensors
     if grad_rows is None:
         grad_rows = torch.zeros_like(lse)
-    dz_rows, dz_cols = torch.ops.urkle_fast.nt_xent_bwd(grad_rows.contiguous(), z_rows, z_cols, lse, *ctx.args)
-    return dz_rows, dz_cols, None, None, None, None
+    # columns that need no gradient (RoCL's detached similarity) are not differentiated at all: the kernels skip
+    # their pass, about half of the backward
+    cols_grad = bool(ctx.needs_input_grad[1])
+    dz_rows, dz_cols = torch.ops.urkle_fast.nt_xent_bwd(grad_rows.contiguous(), z_rows, z_cols, lse, *ctx.args,
+                                                        cols_grad)
+    return dz_rows, dz_cols if cols_grad else None, None, None, None, None
 
 
 _nt_xent_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -165,7 +173,7 @@ if _backend.native_ops_present():
         return z_rows.new_empty((n,), dtype=torch.float32), z_rows.new_empty((n,), dtype=torch.float32)
 
     @torch.library.register_fake("urkle_fast::nt_xent_bwd_native")
-    def _(grad_rows, z_rows, z_cols, lse, views, temperature, denominator, row_offset):
+    def _(grad_rows, z_rows, z_cols, lse, views, temperature, denominator, row_offset, cols_grad=True):
         return torch.empty(z_rows.shape, dtype=z_rows.dtype, device=z_rows.device), \
             torch.empty(z_cols.shape, dtype=z_cols.dtype, device=z_cols.device)
 

@@ -4,17 +4,17 @@ values and gradients as eager, on every CPU backend."""
 import pytest
 import torch
 
-from urkle_fast import gaussian_kl, nt_xent, pgd_random_start, pgd_step_
+from urkle_fast import gaussian_kl, nt_xent, nt_xent_column_detached, pgd_random_start, pgd_step_
 
 OP = "nt_xent"
 
 
-def _step(mu, logvar, z, x, g, x0):
-    # an Urkle-shaped step: KL between clean and adversarial posteriors, NT-Xent over 4 views,
-    # and a PGD update of the adversary
+def _step(mu, logvar, z, x, g, x0, contrast=nt_xent):
+    # an Urkle-shaped step: KL between clean and adversarial posteriors, NT-Xent over 4 views (or RoCL's
+    # column-detached form, whose backward skips the columns), and a PGD update of the adversary
     kl = gaussian_kl(mu[: mu.shape[0] // 2], logvar[: mu.shape[0] // 2], mu[mu.shape[0] // 2:],
                      logvar[mu.shape[0] // 2:], reduction="mean")
-    loss = nt_xent(z, views=4, temperature=0.5) + 0.5 * kl
+    loss = contrast(z, views=4, temperature=0.5) + 0.5 * kl
     x_adv = x.clone()
     pgd_step_(x_adv, g, x0, alpha=0.01, eps=0.03)
     return loss, x_adv
@@ -31,19 +31,20 @@ def _inputs(device):
     return mu, logvar, z, x, grad, x0
 
 
+@pytest.mark.parametrize("contrast", [nt_xent, nt_xent_column_detached], ids=["nt_xent", "column_detached"])
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compiled_step_matches_eager(backend, compiler):
+def test_compiled_step_matches_eager(backend, compiler, contrast):
     if backend.name == "triton" and backend.device == "cpu":
         pytest.skip("Triton under the CPU interpreter is not compiled by inductor; covered on CUDA")
     if compiler == "inductor" and backend.name == "reference":
         pytest.skip("inductor is exercised on the fast backends (the reference is plain torch)")
     torch._dynamo.reset()
     args = _inputs(backend.device)
-    loss, x_adv = _step(*args)
+    loss, x_adv = _step(*args, contrast=contrast)
     grads = torch.autograd.grad(loss, args[:3])
     cargs = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
     cstep = torch.compile(_step, fullgraph=True, backend=compiler)
-    closs, cx_adv = cstep(*cargs)
+    closs, cx_adv = cstep(*cargs, contrast=contrast)
     cgrads = torch.autograd.grad(closs, cargs[:3])
     torch.testing.assert_close(closs, loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cx_adv, x_adv, rtol=0, atol=1e-6)

@@ -94,3 +94,42 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def nan_filled_empty(monkeypatch):
+    """Fresh tensors (torch.empty, and at::empty inside the C++ ops) come filled with NaN for the test: an output
+    a kernel should write, or zero, and does not, cannot pass by the allocator handing back zeroed pages."""
+    was = torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was)
+
+
+class NtXentBackwardCalls:
+    """Records the cols_grad argument of every urkle_fast::nt_xent_bwd call made while active (a dispatch mode:
+    it sees the op under eager autograd and inside a compiled backward alike). Use: ``with rec: ...``, then
+    ``rec.cols_grad``."""
+
+    def __init__(self):
+        self.cols_grad = []
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        calls = self.cols_grad
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is torch.ops.urkle_fast.nt_xent_bwd.default:
+                    calls.append(args[8] if len(args) > 8 else kwargs.get("cols_grad", True))
+                return func(*args, **kwargs)
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

@@ -52,6 +52,37 @@ def test_compiled_step_matches_eager(backend, compiler, contrast):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("contrast", [nt_xent, nt_xent_column_detached], ids=["nt_xent", "column_detached"])
+def test_compiled_backward_keeps_the_rows_only_kernel(contrast):
+    """AOTAutograd's backward graph calls the C++ backward with cols_grad=False for detached columns (the
+    rows-only kernel), True otherwise: the graph inductor lowers, recorded before it is compiled (the registered
+    op's body is traced through, so the graph holds nt_xent_bwd_native)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from urkle_fast import _backend
+
+    if not _backend.native_ops_present():
+        pytest.skip("urkle_fast._C not built")
+    backward_graphs = []
+
+    def keep(gm, example_inputs):
+        return make_boxed_func(gm)
+
+    def keep_backward(gm, example_inputs):
+        backward_graphs.append(gm)
+        return make_boxed_func(gm)
+
+    torch._dynamo.reset()
+    args = _inputs("cpu")
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep_backward)
+    loss, _ = torch.compile(_step, fullgraph=True, backend=backend)(*args, contrast=contrast)
+    torch.autograd.grad(loss, args[:3])
+    calls = [n for gm in backward_graphs for n in gm.graph.nodes
+             if n.op == "call_function" and n.target is torch.ops.urkle_fast.nt_xent_bwd_native.default]
+    assert [n.args[8] if len(n.args) > 8 else n.kwargs.get("cols_grad", True) for n in calls] == [contrast is nt_xent]
+
+
 def test_random_start_traces_with_explicit_seed():
     x = torch.rand(4, 3, 5, 5)
     f = torch.compile(lambda t: pgd_random_start(t, 0.1, seed=3), fullgraph=True, backend="aot_eager")

@@ -177,7 +177,7 @@ def test_nt_xent_row_offset_shards_add_up(views, denominator, strategy, monkeypa
 
 
 @pytest.mark.parametrize("strategy", ["private", "split"])
-def test_nt_xent_bwd_without_cols_grad_gives_the_same_rows(strategy, monkeypatch):
+def test_nt_xent_bwd_without_cols_grad_gives_the_same_rows(strategy, monkeypatch, nan_filled_empty):
     """cols_grad=False (detached columns): dz_rows bit-identical to the full backward's under either strategy,
     dz_cols zeros, for the whole batch and for a shard with a row offset."""
     monkeypatch.setenv("URKLE_FAST_NT_XENT_CPU_BWD", strategy)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOLERANCES
+from conftest import TOLERANCES, NtXentBackwardCalls
 from urkle_fast import NTXent, nt_xent, nt_xent_reference
 from urkle_fast.ops.nt_xent import (nt_xent_column_detached, nt_xent_column_detached_reference,
                                    nt_xent_rows_backward_reference, nt_xent_rows_reference)
@@ -131,22 +131,12 @@ def test_backend_matches_reference(backend, V, B, d, dtype, denominator, detach_
 @pytest.mark.parametrize("detach_columns", [False, True])
 def test_backward_skips_the_columns_only_when_they_are_detached(backend, detach_columns):
     """The registered backward is asked for the columns' gradient exactly when the columns need one."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    calls = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.urkle_fast.nt_xent_bwd.default:
-                calls.append(args[8] if len(args) > 8 else kwargs.get("cols_grad", True))
-            return func(*args, **(kwargs or {}))
-
     z = _z(4, 6, 10, torch.float32, backend.device).requires_grad_(True)
     fn = nt_xent_column_detached if detach_columns else nt_xent
     loss = fn(z, views=4)
-    with Record():
+    with NtXentBackwardCalls() as rec:
         loss.backward()
-    assert calls == [not detach_columns]
+    assert rec.cols_grad == [not detach_columns]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -223,7 +223,7 @@ def _check_nt(V, N, d, dtype, denominator, row_offset, n_rows, tau=0.5, seed=0):
 @pytest.mark.parametrize("V", [2, 4])
 @pytest.mark.parametrize("denominator", [0, 1])
 @pytest.mark.parametrize("rows", ["all", "slice"])
-def test_nt_xent_fwd_bwd(dtype, V, denominator, rows):
+def test_nt_xent_fwd_bwd(dtype, V, denominator, rows, nan_filled_empty):
     N = 60 if V == 4 else 38  # B = 15 / 19: row blocks wrap around image boundaries, tails in every tile
     if rows == "all":
         _check_nt(V, N, 33, dtype, denominator, 0, None)

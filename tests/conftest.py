@@ -108,9 +108,9 @@ def nan_filled_empty(monkeypatch):
 
 
 class NtXentBackwardCalls:
-    """Records the cols_grad argument of every urkle_fast::nt_xent_bwd call made while active (a dispatch mode:
-    it sees the op under eager autograd and inside a compiled backward alike). Use: ``with rec: ...``, then
-    ``rec.cols_grad``."""
+    """Records the cols_grad argument of every urkle_fast::nt_xent_bwd call that eager autograd makes while active
+    (a dispatch mode; a compiled backward does not pass through it: test_compile reads its graph instead). Use:
+    ``with NtXentBackwardCalls() as rec: ...``, then ``rec.cols_grad``."""
 
     def __init__(self):
         self.cols_grad = []

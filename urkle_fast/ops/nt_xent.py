@@ -157,7 +157,7 @@ def _backward(ctx, grad_rows, grad_lse):
     if grad_rows is None:
         grad_rows = torch.zeros_like(lse)
     # columns that need no gradient (RoCL's detached similarity) are not differentiated at all: the kernels skip
-    # their pass, about half of the backward
+    # their pass (on the CPU the forward+backward takes 0.74x the time, BENCHMARKS.md)
     cols_grad = bool(ctx.needs_input_grad[1])
     dz_rows, dz_cols = torch.ops.urkle_fast.nt_xent_bwd(grad_rows.contiguous(), z_rows, z_cols, lse, *ctx.args,
                                                         cols_grad)

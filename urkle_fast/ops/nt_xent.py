@@ -99,16 +99,8 @@ def nt_xent_column_detached(z: Tensor, *, views: int, temperature: float = 0.5, 
     kernels' rows pass only (``cols_grad=False``).
     ``gather_distributed`` as in ``nt_xent``: this rank's rows against every rank's (detached) columns, so
     DDP's gradient averaging gives the rows-only gradient of the global batch's loss."""
-    fn = "nt_xent_column_detached"
-    N, b, d = check_nt_xent_args(fn, z, views, temperature, denominator)
-    if gather_distributed and udist.is_distributed():
-        _check_finite_on_every_rank(fn, z)
-        return _nt_xent_global(z, views, float(temperature), DENOMINATORS[denominator], N, b, d, detach_columns=True)
-    check_finite(fn, {"z": z})
-    z2 = z.reshape(N, d)
-    loss_rows, _ = torch.ops.urkle_fast.nt_xent_fwd(z2, z2.detach(), views, float(temperature),
-                                                    DENOMINATORS[denominator], 0)
-    return loss_rows.sum() / (N * (views - 1))
+    return _nt_xent("nt_xent_column_detached", z, views, temperature, denominator, gather_distributed,
+                    detach_columns=True)
 
 
 def _backend_for(t: Tensor) -> str:
@@ -216,14 +208,21 @@ def nt_xent(z: Tensor, *, views: int, temperature: float = 0.5, denominator: str
     Returns:
         float32 scalar ``1/(N (V-1)) * sum_i sum_{p in P(i)} [log D_i - s_ip]``.
     """
-    N, b, d = check_nt_xent_args(_FN, z, views, temperature, denominator)
+    return _nt_xent(_FN, z, views, temperature, denominator, gather_distributed, detach_columns=False)
+
+
+def _nt_xent(fn: str, z: Tensor, views, temperature, denominator, gather_distributed: bool,
+             detach_columns: bool) -> Tensor:
+    """The body of ``nt_xent`` and ``nt_xent_column_detached``: checks, then this process's rows against its own
+    columns (detached for RoCL's similarity) or, gathered, against every rank's."""
+    N, b, d = check_nt_xent_args(fn, z, views, temperature, denominator)
     if gather_distributed and udist.is_distributed():
-        _check_finite_on_every_rank(_FN, z)
-        return _nt_xent_global(z, views, float(temperature), DENOMINATORS[denominator], N, b, d)
-    check_finite(_FN, {"z": z})
+        _check_finite_on_every_rank(fn, z)
+        return _nt_xent_global(z, views, float(temperature), DENOMINATORS[denominator], N, b, d, detach_columns)
+    check_finite(fn, {"z": z})
     z2 = z.reshape(N, d)
-    loss_rows, _ = torch.ops.urkle_fast.nt_xent_fwd(z2, z2, views, float(temperature),
-                                                    DENOMINATORS[denominator], 0)
+    loss_rows, _ = torch.ops.urkle_fast.nt_xent_fwd(z2, z2.detach() if detach_columns else z2, views,
+                                                    float(temperature), DENOMINATORS[denominator], 0)
     return loss_rows.sum() / (N * (views - 1))
 
 

@@ -3,6 +3,7 @@ fallback to the reference (never a crash)."""
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -38,6 +39,29 @@ def test_missing_native_backend_warns_once_and_falls_back(monkeypatch):
             assert _backend.select("gaussian_kl", torch.device("cpu")) == "reference"
         x = [torch.randn(3, 4) for _ in range(4)]
         torch.testing.assert_close(gaussian_kl(*x), gaussian_kl_reference(*x))
+        # once: a second choice, even after the cache is cleared, is silent
+        _backend._select_cached.cache_clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _backend.select("gaussian_kl", torch.device("cpu")) == "reference"
+
+
+def test_missing_native_backend_warns_on_cpu_without_forcing(monkeypatch):
+    # the default CPU choice, nothing forced: a build without the extension says so once per op
+    monkeypatch.setattr(_backend, "_C", None)
+    monkeypatch.setattr(_backend, "_C_ERROR", "ImportError: simulated")
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.delenv("URKLE_FAST_BACKEND", raising=False)
+    _backend._select_cached.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"urkle_fast.nt_xent: backend 'native' unavailable on cpu"):
+            assert _backend.select("nt_xent", torch.device("cpu")) == "reference"
+        _backend._select_cached.cache_clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _backend.select("nt_xent", torch.device("cpu")) == "reference"
+    finally:
+        _backend._select_cached.cache_clear()
 
 
 def test_import_never_crashes_without_extension(tmp_path):

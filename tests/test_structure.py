@@ -58,24 +58,27 @@ def test_registry_refuses_duplicates_and_half_defined_methods():
         get_method("byol")
 
 
-def _urkle_one_view_inputs(model, crops, hp):
-    """A new contrastive method for the test: only view 1 gets an Urkle adversary (3 views)."""
-    x1, x2 = crops[0], crops[1]
-    return torch.cat([x1, x2, methods._attack(methods.urkle_kl(model, x1), x1, hp, model)]), 3
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
-def _one_view_kl(mu, logvar, reduction):
-    n = mu.shape[0] // 3  # rows: view 1, view 2, adversary of view 1
-    return methods.gaussian_kl(mu[:n], logvar[:n], mu[2 * n:], logvar[2 * n:], reduction=reduction)
+def _readme_method() -> tuple:
+    """The README's example method, run as written: its register() call adds it to METHODS (taken out again
+    here; each test puts it back with monkeypatch). Returns the method and the scope its functions see."""
+    import re
 
-
-NEW = Method("urkle_one_view", "contrastive", 2, 3, 0.05, ("digits", "simclr"), "test-only method",
-             inputs=_urkle_one_view_inputs, extra=ExtraTerm("kl1", _one_view_kl, lambda B: B))
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "register(Method(" in b)
+    scope = dict(vars(methods))  # the names of urkle_fast/methods.py, where the README says the code goes
+    before = set(METHODS)
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    (name,) = set(METHODS) - before
+    return METHODS.pop(name), scope
 
 
 def test_a_new_method_is_one_object(monkeypatch, tmp_path):
     """Registered from outside: the trainer, its micro-batched path (the gradient cache never names a
     method) and checkpoints work with nothing else changed; chunks give the whole batch's gradient."""
+    NEW, scope = _readme_method()
+    assert (NEW.name, NEW.forward_rows, NEW.extra.name) == ("urkle_first_crop", 3, "urkle_kl")
     monkeypatch.setitem(METHODS, NEW.name, NEW)
     cfg = resolve_config(TrainConfig(method=NEW.name, dataset="digits", eps=0.1, pgd_steps=1, pgd_alpha=0.1))
     cfg.num_classes = 10
@@ -87,7 +90,8 @@ def test_a_new_method_is_one_object(monkeypatch, tmp_path):
                 setattr(mod, child_name, torch.nn.Identity())
     x, y = as_tensors(load_dataset("digits", split="train"), limit=10)
     crops = MultiViewAugment(2, 8, cfg.augment)(x, torch.Generator().manual_seed(0))
-    monkeypatch.setattr(methods, "_attack", lambda obj, x, hp, model, eot=1: (x + hp.eps * torch.sign(
+    # a fixed deterministic "attack", so that the whole batch and its chunks see the same adversaries
+    monkeypatch.setitem(scope, "_attack", lambda obj, x, hp, model, eot=1: (x + hp.eps * torch.sign(
         torch.sin(997.0 * x + 0.3))).clamp(0, 1))
     monkeypatch.setattr(type(model), "sample",
                         staticmethod(lambda mu, logvar: mu + torch.exp(0.5 * logvar) * torch.sin(131.0 * mu)))
@@ -98,7 +102,7 @@ def test_a_new_method_is_one_object(monkeypatch, tmp_path):
     model.zero_grad(set_to_none=True)
     loss_c, metrics_c = micro_batched_step(model, NEW, crops, y, hp, 0.5, micro=4)
     torch.testing.assert_close(loss_c, loss.detach(), atol=1e-5, rtol=1e-5)
-    assert metrics.keys() == metrics_c.keys() == {"nt_xent", "kl1"}
+    assert metrics.keys() == metrics_c.keys() == {"nt_xent", "urkle_kl"}
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, whole[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
     monkeypatch.undo()

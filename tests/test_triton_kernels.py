@@ -275,10 +275,19 @@ def test_nt_xent_float16_small_upstream_gradient():
 # launch=: torch.library.wrap_triton, and tracing with fake tensors
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's case; on a GPU the next test runs the wrapped kernels")
+def test_wrap_triton_is_the_identity_under_the_interpreter():
+    # why the next test is GPU-only: here wrap_triton hands the kernel back unchanged, so both of its
+    # launches would run the same code (that every launcher routes its kernels through launch= is checked
+    # by test_launchers_trace_with_fake_tensors, on the CPU too)
+    kernel = kl_k._gaussian_kl_fwd_kernel
+    assert torch.library.wrap_triton(kernel) is kernel
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="under TRITON_INTERPRET=1 wrap_triton is the identity (test above)")
 def test_launch_wrap_triton_eager():
-    # The registered ops pass torch.library.wrap_triton. Under TRITON_INTERPRET=1 (torch 2.14) it hands
-    # the interpreted kernel back unchanged; on a GPU it wraps it for the triton_kernel_wrapper HOP.
-    # Either way an eager call must give the same numbers as the default launch.
+    # The registered ops pass torch.library.wrap_triton; on a GPU it wraps the kernel for the
+    # triton_kernel_wrapper HOP. An eager call must give the same numbers as the default launch.
     W = torch.library.wrap_triton
     ts = _kl_inputs(37, 129, torch.float32)
     assert torch.equal(kl_k.gaussian_kl_fwd(*ts, 2, launch=W), kl_k.gaussian_kl_fwd(*ts, 2))

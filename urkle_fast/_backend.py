@@ -149,7 +149,9 @@ def _select_cached(op: str, device_type: str, forced: Optional[str], env: Option
         if not reasons:
             return name
         key = (op, device_type, name)
-        if key not in _warned and (wanted is not None or device_type == "cuda"):
+        # also on the CPU with nothing forced: a build without urkle_fast._C would otherwise run every op's
+        # slow reference without a word
+        if key not in _warned:
             _warned.add(key)
             warnings.warn(
                 f"urkle_fast.{op}: backend {name!r} unavailable on {device_type} "

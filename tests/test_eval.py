@@ -283,6 +283,42 @@ def test_checkpoint_roundtrip_and_cli(tmp_path, capsys):
     assert '"0.2"' in (tmp_path / "cli" / "results.json").read_text()
 
 
+def test_models_of_another_channel_count_or_image_size_are_refused():
+    from urkle_fast.eval import check_models_match
+
+    with pytest.raises(ValueError, match=r"^m: the model takes 3-channel images, --dataset 'digits' has 1$"):
+        check_models_match({"m": (None, {"dataset": "digits", "in_channels": 3})}, "digits")
+    with pytest.raises(ValueError, match=r"^m: the model was trained at 32 pixels, --dataset 'digits' images are 8$"):
+        check_models_match({"m": (None, {"dataset": "digits", "image_size": 32})}, "digits")
+    # a folder of images is resized to the model's size on loading, so any size is accepted there
+    check_models_match({"m": (None, {"dataset": "imagenet", "image_size": 64, "in_channels": 3})}, "imagenet")
+
+
+def test_a_model_at_chance_is_flagged(tmp_path, digits, standard):
+    # a constant classifier (zero last layer: always class 0) is right on 1 image in 10 of the balanced test set,
+    # and so is a head on a representation that maps every image to the same z
+    const = TinyStandard()
+    nn.init.zeros_(const.net[-1].weight), nn.init.zeros_(const.net[-1].bias)
+    flat = TinyRep()
+    nn.init.zeros_(flat.net[-1].weight), nn.init.zeros_(flat.net[-1].bias)
+    cfg = EvalConfig(dataset="digits", eps=[0.1], out=str(tmp_path), attack_steps=2, apgd_steps=2, n_test=60,
+                     square_queries=0, samples=2, eot_iter=1, head_epochs=2, sweep_eps=[0.0], sweep_n_test=20,
+                     fig2_images=0, plots=False, verbose=False)
+    with pytest.warns(UserWarning) as got:
+        res = evaluate_models({"Const": (const.eval(), {"method": "standard"}), "Flat": (flat.eval(), {"method": "x"}),
+                               "Standard": (standard, {"method": "standard"})}, cfg, splits=digits)
+    said = " | ".join(str(w.message) for w in got)
+    assert ("Const, task digit, labels all: the classifier's clean accuracy 10.0% is at chance (1/10): the "
+            "classifier learned nothing" in said)
+    assert "Flat, task digit, labels all: the head's clean accuracy 10.0% is at chance (1/10)" in said
+    assert "Standard," not in said
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for out in (res, saved):
+        assert out["models"]["Const"]["budgets"]["all"]["at_chance"] is True
+        assert out["models"]["Flat"]["budgets"]["all"]["at_chance"] is True
+        assert "at_chance" not in out["models"]["Standard"]["budgets"]["all"]
+
+
 def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_eval_model(str(tmp_path / "missing.pt"))

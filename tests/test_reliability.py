@@ -114,6 +114,62 @@ def test_a_diverging_run_exits_3_and_keeps_a_good_checkpoint(tmp_path, capsys):
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 16
 
 
+def _tamper_step(monkeypatch, at: int, change):
+    """The trainer's real forward_backward, with ``change(run, loss)`` giving the loss of call ``at``."""
+    import urkle_fast.train as T
+
+    real, calls = T.forward_backward, []
+
+    def wrapped(run, crops, labels, hp, beta):
+        loss, metrics = real(run, crops, labels, hp, beta)
+        calls.append(run.step)
+        return (change(run, loss) if len(calls) - 1 == at else loss), metrics
+
+    monkeypatch.setattr(T, "forward_backward", wrapped)
+    return calls
+
+
+def test_a_finite_loss_diverge_factor_times_the_first_stops_the_run(tmp_path, capsys, monkeypatch):
+    # the third trigger of exit 3: finite, but 1e7 times the first step's loss (--diverge-factor 1e6)
+    calls = _tamper_step(monkeypatch, 1, lambda run, loss: loss * 1e7)
+    assert _run(tmp_path, "--max-steps", "3") == 3
+    err = capsys.readouterr().err
+    assert "at step 1" in err and "(the first step's: " in err and "stopped before the optimiser step" in err
+    assert calls == [0, 1] and not (tmp_path / "run" / "checkpoint.pt").exists()
+    # the same loss with the check off (--diverge-factor 0) trains on: the factor is what stopped it
+    calls = _tamper_step(monkeypatch, 1, lambda run, loss: loss * 1e7)
+    assert _run(tmp_path, "--max-steps", "3", "--diverge-factor", "0", out="off") == 0
+    assert calls == [0, 1, 2]
+
+
+def test_a_non_finite_value_inside_an_op_stops_the_run_with_exit_3(tmp_path, capsys, monkeypatch):
+    import urkle_fast.train as T
+    from urkle_fast.ops._checks import NonFiniteInputError
+
+    def nan_inside(run, *args):
+        raise NonFiniteInputError("gaussian_kl: mu_q holds NaN / inf")
+
+    monkeypatch.setattr(T, "_forward_backward", nan_inside)
+    assert _run(tmp_path, "--max-steps", "2") == 3
+    err = capsys.readouterr().err
+    assert "non-finite values inside step 0 of simclr_urkle (gaussian_kl: mu_q holds NaN / inf)" in err
+    assert "none was written yet" in err and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_model_holding_nan_is_never_written(tmp_path, capsys, monkeypatch):
+    # a finite loss, then NaN in one weight (as a bad optimiser step would leave it): the final save refuses
+    def poison(run, loss):
+        with torch.no_grad():
+            next(p for p in run.model.parameters() if p.dim() > 1).view(-1)[0] = float("nan")
+        return loss
+
+    _tamper_step(monkeypatch, 1, poison)
+    assert _run(tmp_path, "--max-steps", "2") == 3
+    err = capsys.readouterr().err
+    assert "the model holds NaN / inf at step 2" in err and "the checkpoint was not written" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_a_torn_metrics_line_and_stale_temp_files_are_cleaned_on_resume(tmp_path, capsys):
     assert _run(tmp_path, "--max-steps", "1") == 0
     run = tmp_path / "run"

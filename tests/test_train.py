@@ -233,6 +233,44 @@ def test_lars_excludes_bias_and_norm():
         torch.testing.assert_close(p, b - 0.1)
 
 
+def test_lars_trust_ratio_on_decayed_weights():
+    # by hand: w = [3, 4] (norm 5), weight decay 0.1 adds [0.3, 0.4] to the gradient [0.3, -0.4], giving
+    # [0.6, 0] (norm 0.6); the trust ratio 0.012 * 5 / 0.6 = 0.1 scales it to [0.06, 0]; lr 0.5 moves w by 0.03
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]], dtype=torch.float64))
+    opt = LARS([{"params": [w], "exclude": False}], lr=0.5, momentum=0.9, weight_decay=0.1, trust_coef=0.012)
+    w.grad = torch.tensor([[0.3, -0.4]], dtype=torch.float64)
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.tensor([[2.97, 4.0]], dtype=torch.float64))
+    # the second step adds the momentum of the first (0.9 x [0.06, 0]) to the newly scaled gradient
+    opt.step()
+    g = [0.3 + 0.1 * 2.97, -0.4 + 0.1 * 4.0]
+    trust = 0.012 * math.hypot(2.97, 4.0) / math.hypot(*g)
+    expect = [2.97 - 0.5 * (0.9 * 0.06 + trust * g[0]), 4.0 - 0.5 * trust * g[1]]
+    torch.testing.assert_close(w.detach(), torch.tensor([expect], dtype=torch.float64))
+
+
+def test_the_logged_lr_follows_scaling_warmup_and_cosine(tmp_path):
+    # lr = base_lr * batch / 256 = 0.8 * 32 / 256 = 0.1; 2 steps an epoch, 4 warm-up steps of 8: the factor is
+    # (s + 1) / 4 while s < 4, then 0.5 (1 + cos(pi (s - 4) / 4)); the log holds the lr after step s's update
+    train(TrainConfig(method="simclr", dataset="digits", train_subset=64, batch_size=32, epochs=4,
+                      warmup_epochs=2, base_lr=0.8, optimizer="sgd", progress=False, log_every=1, threads=1,
+                      out_dir=str(tmp_path)))
+    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    expect = {1: 0.05, 2: 0.075, 3: 0.1, 4: 0.1, 5: 0.1 * (0.5 + 0.5 * math.sqrt(0.5)), 6: 0.05,
+              7: 0.1 * (0.5 - 0.5 * math.sqrt(0.5)), 8: 0.0}
+    assert lrs.keys() == expect.keys()
+    for step, lr in expect.items():
+        assert lrs[step] == pytest.approx(lr, abs=1e-12), step
+    # the same scaling at the design card's scale, from the optimiser itself
+    from urkle_fast.optim import make_optimizer
+    from urkle_fast.train import parse_args
+
+    card = resolve_config(parse_args(["--dataset", "imagenet", "--batch", "4096"]))
+    opt = make_optimizer(card, torch.nn.Linear(3, 2))
+    assert isinstance(opt, LARS) and [g["lr"] for g in opt.param_groups] == pytest.approx([4.8, 4.8])
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_trained_model_runs_compiled_with_the_same_loss(tmp_path, backend):
     r = train(TrainConfig(method="simclr_urkle", out_dir=str(tmp_path), max_steps=2, **TINY))

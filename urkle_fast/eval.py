@@ -686,15 +686,15 @@ def _bound(job: _Job, model: nn.Module, head: nn.Module, y: torch.Tensor, eps: f
     return result
 
 
-def _flag_at_chance(job: _Job, name: str, task, b, result: dict) -> None:
+def _flag_at_chance(job: _Job, name: str, task, b, result: dict, what: str = "head") -> None:
     chance = 1.0 / task.num_classes
-    if result["paths"]["mu"]["clean"] <= chance + 0.1 * (1 - chance):  # a head that learned (next to) nothing
+    if result["paths"]["mu"]["clean"] <= chance + 0.1 * (1 - chance):  # a model that learned (next to) nothing
         result["at_chance"] = True
+        who = "the representation (or the head)" if what == "head" else "the classifier"
         if job.main:
-            warnings.warn(f"{name}, task {task.name}, labels {b}: the head's clean accuracy "
-                          f"{100 * result['paths']['mu']['clean']:.1f}% is at chance (1/{task.num_classes}): the "
-                          f"representation (or the head) learned nothing, so its robust accuracy means nothing either",
-                          stacklevel=2)
+            warnings.warn(f"{name}, task {task.name}, labels {b}: the {what}'s clean accuracy "
+                          f"{100 * result['paths']['mu']['clean']:.1f}% is at chance (1/{task.num_classes}): "
+                          f"{who} learned nothing, so its robust accuracy means nothing either", stacklevel=2)
 
 
 def _tasks(job: _Job) -> list:
@@ -715,6 +715,7 @@ def _supervised(job: _Job, name: str, model: nn.Module, config: dict, entry: dic
     budgets = entry["tasks"].setdefault(primary.name, {"budgets": {}})["budgets"]
     n = len(job.train.y) if trained == "all" else int(trained)
     budgets[str(trained)] = dict(n_labels=n, paths=paths, note=f"supervised: trained on {trained} labels, no head")
+    _flag_at_chance(job, name, primary, trained, budgets[str(trained)], what="classifier")
     for t in c.tasks:
         if t != primary.name:
             entry["tasks"][t] = {"budgets": {}, "skipped": f"a classifier of the {c.dataset} classes"}

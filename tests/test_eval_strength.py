@@ -397,7 +397,8 @@ def test_worst_case_starts_from_the_clean_prediction(digits):
     assert not r["ok"].any()
 
 
-def test_merge_joins_budgets_of_one_model_and_refuses_clashes(tmp_path, digits):
+def test_merge_joins_budgets_of_one_model_and_refuses_clashes(tmp_path, digits, capsys):
+    from urkle_fast.evaluation.merge import main as merge_cli
     from urkle_fast.evaluation.merge import merge
 
     std = _train_standard(digits[0])
@@ -428,6 +429,21 @@ def test_merge_joins_budgets_of_one_model_and_refuses_clashes(tmp_path, digits):
     with pytest.raises(ValueError, match="test_fingerprint"):  # each file against every other, not the first only
         merge([old, a, dict(other, models={"Other": other["models"]["Standard"]})])
     assert merge([old, a])["settings"]["test_fingerprint"] == a["settings"]["test_fingerprint"]
+    # the command the README gives: results.json files in, one table and results.json out; a clash is one line, exit 2
+    files = []
+    for name, part in (("a", a), ("b", b)):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(part))
+    assert merge_cli([str(files[0]), str(files[1]), "--out", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    written = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert set(written["models"]["Standard"]["budgets"]) == {"500", "100"}
+    table = (tmp_path / "merged" / "table.md").read_text()
+    assert "task digit, labels 500" in table and "task digit, labels 100" in table
+    assert merge_cli([str(files[0]), str(files[0]), "--out", str(tmp_path / "clash")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "evaluated in two results files" in err and err.count("\n") == 1
+    assert not (tmp_path / "clash").exists()
 
 
 def test_an_interrupted_evaluation_resumes_after_its_last_finished_attack(tmp_path, digits, monkeypatch):

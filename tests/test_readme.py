@@ -49,6 +49,30 @@ def test_readme_torchrun_commands_parse():
     assert (big.dataset, big.batch_size, big.micro_batch) == ("imagenet", 4096, 128)
 
 
+def test_readme_train_and_eval_command_lines_parse():
+    """Every `python -m urkle_fast.train|eval ...` line of the README's bash blocks (continuations joined) is a
+    valid command line of that module, and names what its text says."""
+    import shlex
+
+    from urkle_fast.eval import parse_args as eval_args
+    from urkle_fast.train import parse_args as train_args
+
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    lines = [ln.strip() for b in blocks for ln in b.replace("\\\n", " ").splitlines()]
+    parsed = {"train": [], "eval": []}
+    for ln in lines:
+        argv = shlex.split(ln.split("#")[0])
+        for mod, parse in (("train", train_args), ("eval", eval_args)):
+            if f"urkle_fast.{mod}" in argv and argv[argv.index(f"urkle_fast.{mod}") - 1] == "-m" and "&&" not in argv:
+                parsed[mod].append(parse(argv[argv.index(f"urkle_fast.{mod}") + 1:]))
+    train_cfgs, (ev,) = parsed["train"], parsed["eval"]
+    assert [c.method for c in train_cfgs[:2]] == ["simclr_urkle", "vae_urkle"] and len(train_cfgs) >= 3
+    assert (train_cfgs[1].optimizer, train_cfgs[1].base_lr) == ("adamw", 0.006)
+    assert (train_cfgs[2].dataset, train_cfgs[2].batch_size) == ("imagenet", 4096)
+    assert ev.checkpoint == ["runs/a/checkpoint.pt", "runs/b/checkpoint.pt"] and ev.out == "runs/eval"
+    assert [str(b) for b in ev.label_budgets] == ["all", "5000", "1000"]
+
+
 def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     """The README's Python API block (train, load, export, load the export without urkle_fast), as written."""
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)

@@ -233,6 +233,43 @@ def test_lars_excludes_bias_and_norm():
         torch.testing.assert_close(p, b - 0.1)
 
 
+def test_dist_timeout_reaches_the_process_group(monkeypatch):
+    # a torchrun worker's environment; init_process_group stops the run once it has been handed its arguments
+    import datetime
+
+    import torch.distributed as dist
+
+    seen = []
+
+    def record(**kwargs):
+        seen.append(kwargs)
+        raise RuntimeError("recorded")
+
+    for k, v in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(dist, "init_process_group", record)
+    for extra, seconds in (([], 300), (["--dist-timeout", "42.5"], 42.5)):
+        with pytest.raises(RuntimeError, match="recorded"):
+            main(["--dataset", "digits", "--device", "cpu", "--no-progress", *extra])
+        assert seen.pop() == {"backend": "gloo", "timeout": datetime.timedelta(seconds=seconds)}
+    assert main(["--dataset", "digits", "--dist-timeout", "0"]) == 2 and not seen  # refused before the group
+
+
+def test_tensorboard_flag(tmp_path, capsys):
+    try:
+        import tensorboard  # noqa: F401 - optional, not in requirements.txt
+    except ImportError:
+        tensorboard = None
+    train(TrainConfig(method="simclr", out_dir=str(tmp_path), max_steps=2, tensorboard=True, **TINY))
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) >= 2  # metrics.jsonl is written either way
+    if tensorboard is None:  # the README's promise without the package: a note, and the run goes on
+        assert "tensorboard is not installed; metrics go to metrics.jsonl only" in capsys.readouterr().err
+        assert not (tmp_path / "tb").exists()
+    else:
+        assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "tb").iterdir())
+
+
 def test_lars_trust_ratio_on_decayed_weights():
     # by hand: w = [3, 4] (norm 5), weight decay 0.1 adds [0.3, 0.4] to the gradient [0.3, -0.4], giving
     # [0.6, 0] (norm 0.6); the trust ratio 0.012 * 5 / 0.6 = 0.1 scales it to [0.06, 0]; lr 0.5 moves w by 0.03

@@ -197,6 +197,22 @@ def test_every_bad_flag_is_named_before_any_work(tmp_path, capsys, flag, value, 
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--train-subset", "64", "--batch", "256"],
+     "--batch-size 256 is larger than the training set (--train-subset 64): 64 images"),
+    (["--method", "standard", "--label-budget", "100", "--batch", "128"],
+     "--batch-size 128 is larger than the training set (--label-budget 100): 100 images"),
+    (["--method", "standard", "--label-budget", "5000"], "--label-budget 5000: label budget 5000 exceeds the"),
+    (["--device", "tpu"], "--device 'tpu': device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (["--device", "cpu", "--dist-backend", "nccl"], "--dist-backend nccl needs CUDA devices, and --device 'cpu'"),
+])
+def test_flags_that_clash_with_the_data_or_the_machine_are_named(tmp_path, capsys, args, message):
+    assert main(["--dataset", "digits", "--out-dir", str(tmp_path / "bad"), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
 def test_an_unwritable_out_dir_is_named(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -273,7 +289,12 @@ def test_eval_checks_its_flags_and_the_checkpoint_before_any_work(tmp_path, caps
     if not torch.cuda.is_available():
         assert eval_cli(["--checkpoint", ckpt, "--device", "cuda", "--out", str(tmp_path / "ev")]) == 2
         err = capsys.readouterr().err
-        assert "cuda" in err and err.count("\n") == 1
+        assert "--device 'cuda': device 'cuda' was requested but torch.cuda.is_available() is False" in err
+        assert err.count("\n") == 1
+        assert main(["--dataset", "digits", "--out-dir", str(tmp_path / "cu"), "--device", "cuda"]) == 2
+        assert "--device 'cuda': " in capsys.readouterr().err
+    assert eval_cli(["--checkpoint", ckpt, "--out", str(tmp_path / "ev"), "--label-budgets", "all", "lots"]) == 2
+    assert "--label-budgets: label budget must be 'all' or a positive integer, got 'lots'" in capsys.readouterr().err
 
 
 def test_old_checkpoints_with_a_numpy_random_state_still_load(tmp_path):

@@ -82,6 +82,19 @@ def _device_of(device: str) -> tuple[bool, int, torch.device]:
     return True, local_rank, torch.device("cuda", local_rank)
 
 
+def check_device_flags(device: str, backend: Optional[str] = None) -> None:
+    """--device and --dist-backend, before any work (the entry points' validate): the message names the flag."""
+    try:
+        want_cuda = _device_of(device)[0]
+    except ValueError as exc:
+        raise ValueError(f"--device {device!r}: {exc}") from None
+    if backend is not None and backend not in ("nccl", "gloo"):
+        raise ValueError(f"--dist-backend must be nccl or gloo, got {backend!r}")
+    if backend == "nccl" and not want_cuda:
+        raise ValueError(f"--dist-backend nccl needs CUDA devices, and --device {device!r} gives CPU processes: use "
+                         f"--dist-backend gloo")
+
+
 def init_distributed(device: str = "auto", backend: Optional[str] = None, timeout_s: float = 1800.0) -> DistContext:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 

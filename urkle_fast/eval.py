@@ -303,7 +303,11 @@ def validate(cfg: EvalConfig) -> None:
         if v is not None and not (math.isfinite(v) and v > 0):
             raise ValueError(f"{_flag(name)} must be a positive number, got {v!r}")
     for b in cfg.label_budgets:
-        parse_budget(b)
+        try:
+            parse_budget(b)
+        except ValueError as exc:
+            raise ValueError(f"--label-budgets: {exc}") from None
+    udist.check_device_flags(cfg.device or "auto")
     for t in cfg.tasks or ():
         get_task(cfg.dataset, t, 10)
     if cfg.heads is not None and not os.path.isdir(cfg.heads):
@@ -857,6 +861,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         os.environ["TQDM_DISABLE"] = "1"  # under torchrun, progress bars from rank 0 only
     if cfg.dataset is not None:
         validate(cfg)  # bad flags fail before any checkpoint is read (evaluate_models checks again, cheaply)
+    udist.check_device_flags(cfg.device or "auto")  # (validate's check, for a dataset named by the checkpoint)
     udist.init_distributed(cfg.device or "auto")
     loaded = load_models(cfg.checkpoint, cfg.name)
     return _evaluate_loaded(loaded, dict(zip(loaded, cfg.checkpoint)), cfg)

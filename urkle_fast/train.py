@@ -241,6 +241,7 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) is not None:
             need(getattr(cfg, name) >= 1, name, "an integer >= 1")
     need(finite(cfg.dist_timeout) and cfg.dist_timeout > 0, "dist_timeout", "a positive number of seconds")
+    udist.check_device_flags(cfg.device, cfg.dist_backend)
     need(finite(cfg.diverge_factor) and cfg.diverge_factor >= 0, "diverge_factor", "a number >= 0")
     if cfg.resume not in (None, "auto", "if-exists") and not Path(cfg.resume).is_file():
         raise ValueError(f"--resume {cfg.resume!r}: no such checkpoint file")
@@ -464,7 +465,10 @@ def _train_dataset(cfg: TrainConfig):
             ds = torch.utils.data.Subset(ds, order[: cfg.train_subset].tolist())
             ds.classes = classes
     if cfg.label_budget:  # seed 0, as eval's heads: a model of the 1000-label column saw those 1000 images only
-        idx = balanced_subset(_labels_of(ds), cfg.label_budget, seed=0)
+        try:
+            idx = balanced_subset(_labels_of(ds), cfg.label_budget, seed=0)
+        except ValueError as exc:
+            raise ValueError(f"--label-budget {cfg.label_budget}: {exc}") from None
         if isinstance(ds, InMemoryDataset):
             ds = InMemoryDataset(ds.images[idx], ds.labels[idx], ds.classes)
         else:
@@ -499,6 +503,10 @@ def setup(cfg: TrainConfig) -> Run:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     ds = _train_dataset(cfg)
+    if len(ds) < cfg.batch_size:  # no whole batch: no step (the loaders drop the last partial batch)
+        which = (f" (--label-budget {cfg.label_budget})" if cfg.label_budget else
+                 f" (--train-subset {cfg.train_subset})" if cfg.train_subset else f" ({cfg.dataset})")
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set{which}: {len(ds)} images")
     cfg.loader = resolve_loader(cfg.loader, ds, dataset=cfg.dataset, on_cuda=on_cuda,
                                 train_subset=cfg.train_subset or cfg.label_budget,  # DALI would read every file
                                 preset=cfg.augment, skip_bad_images=cfg.skip_bad_images)

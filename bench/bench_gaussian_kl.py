@@ -35,17 +35,23 @@ def _inputs(B, D, dtype, requires_grad):
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("B,D,dtype", CASES, ids=[f"B{b}-D{d}-{str(t)[6:]}" for b, d, t in CASES])
 def bench_gaussian_kl(benchmark, variant, mode, B, D, dtype):
-    fn = _impl(variant)
     ins = _inputs(B, D, dtype, requires_grad=(mode == "fwd_bwd"))
     es = ins[0].element_size()
+
+    def make(f):
+        if mode == "fwd":
+            def call():
+                with torch.no_grad():
+                    return f(*ins)
+        else:
+            def call():
+                return torch.autograd.grad(f(*ins), ins)
+        return call
+
     if mode == "fwd":
-        def call():
-            with torch.no_grad():
-                return fn(*ins)
         nbytes = 4 * B * D * es + 4  # four inputs read, a float32 scalar written
     else:
-        def call():
-            return torch.autograd.grad(fn(*ins), ins)
         nbytes = (4 * B * D * es + 4) + (4 * B * D * es + 4 + 4 * B * D * es)  # + backward: 4 in, 4 grads out
+    call = make(_impl(variant))
     run_case(benchmark, op="gaussian_kl", mode=mode, case=f"B={B} D={D} {str(dtype)[6:]}", variant=variant,
-             fn=call, dtype=dtype, shape=(B, D), nbytes=nbytes)
+             fn=call, dtype=dtype, shape=(B, D), nbytes=nbytes, check=lambda: (call(), make(_impl("eager"))()))

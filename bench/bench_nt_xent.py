@@ -36,18 +36,20 @@ def bench_nt_xent(benchmark, variant, mode, V, B, d, dtype):
     N = V * B
     g = torch.Generator(device="cpu").manual_seed(0)
     z = torch.randn(N, d, generator=g).to(device=DEVICE, dtype=dtype).requires_grad_(mode == "fwd_bwd")
-    fn = _impl(variant)
-    if mode == "fwd":
-        def call():
-            with torch.no_grad():
-                return fn(z, views=V, temperature=TAU)
-        flops = 2.0 * N * N * d
-    else:
-        def call():
-            return torch.autograd.grad(fn(z, views=V, temperature=TAU), z)
-        flops = 6.0 * N * N * d
+    def make(f):
+        if mode == "fwd":
+            def call():
+                with torch.no_grad():
+                    return f(z, views=V, temperature=TAU)
+        else:
+            def call():
+                return torch.autograd.grad(f(z, views=V, temperature=TAU), z)
+        return call
+
+    flops = 2.0 * N * N * d if mode == "fwd" else 6.0 * N * N * d
+    call = make(_impl(variant))
     run_case(benchmark, op="nt_xent", mode=mode, case=f"V={V} B={B} d={d} {str(dtype)[6:]}", variant=variant,
-             fn=call, dtype=dtype, shape=(N, d), flops=flops)
+             fn=call, dtype=dtype, shape=(N, d), flops=flops, check=lambda: (call(), make(_impl("eager"))()))
 
 
 @pytest.mark.parametrize("V,B,d,dtype", CASES, ids=[f"V{v}-B{b}-d{d}-{str(t)[6:]}" for v, b, d, t in CASES])
@@ -58,9 +60,10 @@ def bench_nt_xent_column_detached(benchmark, variant, V, B, d, dtype):
     N = V * B
     g = torch.Generator(device="cpu").manual_seed(0)
     z = torch.randn(N, d, generator=g).to(device=DEVICE, dtype=dtype).requires_grad_(True)
-    fn = _impl(variant, detach_columns=True)
+    def make(f):
+        return lambda: torch.autograd.grad(f(z, views=V, temperature=TAU), z)
 
-    def call():
-        return torch.autograd.grad(fn(z, views=V, temperature=TAU), z)
+    call = make(_impl(variant, detach_columns=True))
     run_case(benchmark, op="nt_xent_column_detached", mode="fwd_bwd", case=f"V={V} B={B} d={d} {str(dtype)[6:]}",
-             variant=variant, fn=call, dtype=dtype, shape=(N, d), flops=4.0 * N * N * d)
+             variant=variant, fn=call, dtype=dtype, shape=(N, d), flops=4.0 * N * N * d,
+             check=lambda: (call(), make(_impl("eager", detach_columns=True))()))

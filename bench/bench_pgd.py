@@ -48,7 +48,13 @@ def bench_pgd_step_linf(benchmark, variant, shape, dtype):
     def call():  # repeated steps stay in the eps ball: every call does the same work
         return fn(x_adv, grad, x_orig)
 
+    def check():  # one step from the same start, on copies (the op works in place)
+        a, b = x_adv.clone(), x_adv.clone()
+        fn(a, grad, x_orig)
+        _reference(b, grad, x_orig)
+        return a - x_orig, b - x_orig  # the perturbations: x itself would hide an error in the step
+
     numel = x_orig.numel()
     run_case(benchmark, op="pgd_step_linf", mode="step", case=f"{list(shape)} {str(dtype)[6:]}",
              variant=variant, fn=call, dtype=dtype, shape=shape,
-             nbytes=4 * numel * x_orig.element_size())  # x, grad, x_orig read; x written
+             nbytes=4 * numel * x_orig.element_size(), check=check)  # x, grad, x_orig read; x written

@@ -118,14 +118,41 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+# the norm-wise relative error a variant may have against the eager reference on the benchmark's own inputs:
+# a guard against timing a wrong result (a wrong kernel is off by O(1)), not a precision test (tests/ does that,
+# elementwise, on odd shapes); bf16 / fp16 references round every intermediate
+AGREEMENT = {torch.float32: 1e-4, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _flat(out) -> torch.Tensor:
+    ts = [out] if isinstance(out, torch.Tensor) else list(out)
+    return torch.cat([t.detach().double().flatten().cpu() for t in ts])
+
+
+def relative_error(out, ref) -> float:
+    """||out - ref|| / ||ref|| over every tensor of ``out`` and ``ref`` (a tensor or a sequence of them)."""
+    a, b = _flat(out), _flat(ref)
+    if a.shape != b.shape:
+        raise AssertionError(f"shapes differ: {tuple(a.shape)} against the reference's {tuple(b.shape)}")
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
 def run_case(benchmark, *, op: str, mode: str, case: str, variant: str, fn: Callable[[], object],
-             dtype: torch.dtype, shape, nbytes: int | None = None, flops: float | None = None) -> None:
-    """Warm up ``fn`` (compiles the compiled variant), time it, then measure its peak memory."""
+             dtype: torch.dtype, shape, nbytes: int | None = None, flops: float | None = None,
+             check: Callable[[], tuple] | None = None) -> None:
+    """Check the variant against the eager reference (``check()`` returns (variant's output, reference's
+    output) on the same fresh inputs; the eager variant is the reference and is not checked), warm up ``fn``
+    (compiles the compiled variant), time it, then measure its peak memory."""
     benchmark.group = f"{op} | {mode} | {case}"
     benchmark.extra_info.update(op=op, mode=mode, case=case, variant=variant, device=DEVICE,
                                 device_name=device_name(), dtype=str(dtype).replace("torch.", ""),
                                 shape=str(tuple(shape)), torch=torch.__version__)
     try:
+        if check is not None and variant != "eager":
+            err = relative_error(*check())
+            benchmark.extra_info["rel_err_vs_eager"] = err
+            assert err <= AGREEMENT[dtype], (f"{variant} {op} {mode} {case}: relative error {err:.3g} against the "
+                                             f"eager reference, above {AGREEMENT[dtype]:g}: not timing a wrong result")
         fn()  # warm-up: compiles, fills caches, faults the pages in
         sync()
     except torch.OutOfMemoryError as exc:  # e.g. the materialising reference at N = 65536 on one GPU

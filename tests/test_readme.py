@@ -17,7 +17,13 @@ def test_readme_code_example_runs():
     assert torch.isfinite(scope["loss"]) and scope["loss"].item() > 0
     x_adv, x, eps = scope["x_adv"], scope["x"], scope["eps"]
     assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
-    assert all(p.grad is not None for p in scope["encoder"].parameters())
+    grads = [p.grad for p in scope["encoder"].parameters()]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    # the adversaries moved away from x, and to where the KL is larger than at x itself (0)
+    from urkle_fast import gaussian_kl
+    with torch.no_grad():
+        assert float(gaussian_kl(scope["mu0"], scope["lv0"], *scope["encoder"](x_adv))) > 0
+    assert (x_adv - x).abs().max() > 0
 
 
 def test_ci_runs_the_readme_commands():

@@ -205,13 +205,23 @@ class _Progress:
 
 
 def _attack_code() -> str:
-    """sha256 of the attacks' and the prediction's source: scores saved before a change there are not replayed."""
+    """sha256 of the source a saved score depends on: the attacks, the PGD engine and step, the prediction (probe,
+    the encoders' and heads' forward, the pixel scaling) and this module's scoring and cascade. Scores saved
+    before a change there are not replayed."""
+    import inspect
+
+    from . import attack as pgd_engine
+    from .data import to_float01
     from .evaluation import attacks, probe
+    from .models import backbones, heads
+    from .ops import pgd as pgd_op
 
     h = hashlib.sha256()
-    for mod in (attacks, probe):
+    for mod in (attacks, probe, pgd_engine, pgd_op, backbones, heads):
         with open(mod.__file__, "rb") as f:
             h.update(f.read())
+    for fn in (to_float01, _scores, _live_scores, _ensemble, _attack_paths, _one_attack):
+        h.update(inspect.getsource(fn).encode())
     return h.hexdigest()[:16]
 
 
@@ -291,6 +301,8 @@ def validate(cfg: EvalConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and not (isinstance(v, int) and v >= 1):
             raise ValueError(f"{_flag(name)} must be an integer >= 1, got {v!r}")
+    if cfg.redraws % 2 == 0:  # a fool counts when most fresh predictions are wrong: an even count could tie
+        raise ValueError(f"--redraws must be odd, got {cfg.redraws}")
     for name in ("attack_steps", "apgd_steps", "apgd_targets", "square_queries", "fig2_images", "num_workers"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)!r}")
@@ -590,6 +602,16 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _head_code() -> str:
+    """sha256 of how a head is built and trained: a head saved before a change there is trained afresh."""
+    import inspect
+
+    from .evaluation import probe
+    from .models import heads
+
+    return hashlib.sha256((inspect.getsource(heads) + inspect.getsource(probe.train_head)).encode()).hexdigest()[:16]
+
+
 def _head(job: _Job, name: str, task, budget, idx, feats, model_id: str) -> nn.Module:
     """The task's head for this label budget: reused from --heads (else from this --out's heads, an interrupted
     run's) when a file there was trained the same way on the same weights (``fingerprint``), else trained on the
@@ -597,6 +619,7 @@ def _head(job: _Job, name: str, task, budget, idx, feats, model_id: str) -> nn.M
     c = job.cfg
     h = None
     recipe = dict(model=model_id, kind=c.head, num_classes=task.num_classes, n_labels=len(idx), seed=c.seed,
+                  code=_head_code(),
                   epochs=c.head_epochs, lr=c.head_lr, loss=c.head_loss, M=c.bound if c.head_loss == "bounded" else None,
                   # the labelled images themselves: a head of the whole training split is not one of --holdout's
                   n_train=len(job.train.y), holdout=c.holdout)

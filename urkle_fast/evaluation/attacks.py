@@ -146,9 +146,15 @@ def _margin(log_p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def square_linf(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, queries: int = 1000,
-                p_init: float = 0.8, seed: Optional[int] = 0) -> torch.Tensor:
+                p_init: float = 0.8, seed: Optional[int] = 0, redraws: int = 5) -> torch.Tensor:
     """Square Attack (l_inf, margin loss) on one batch: at most ``queries`` forward passes per image after
-    the start. x [B, C, H, W] in [0,1], y [B] -> x_adv, every point within eps of x and in [0, 1]."""
+    the start. x [B, C, H, W] in [0,1], y [B] -> x_adv, every point within eps of x and in [0, 1].
+
+    A stochastic classifier (the S-sample prediction) gives a noisy margin, so (i) each query draws the current
+    best point's margin afresh next to the candidate's (a margin kept from earlier is the luckiest of many
+    draws, which would reject later real improvements), and (ii) an image stops being attacked only when most
+    of ``redraws`` fresh predictions are wrong, the rule ``attack_scores`` scores it by (one draw would retire
+    images that score as right). For a deterministic classifier both reduce to the plain attack."""
     if eps <= 0:
         return x.clone()
     if x.dim() != 4:
@@ -163,10 +169,21 @@ def square_linf(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
         return torch.randint(0, 2, shape, generator=g, device=x.device).to(x.dtype) * 2 - 1
 
     stochastic = bool(getattr(clf, "stochastic", False))
+
+    def retire(idx: torch.Tensor) -> None:  # images whose best margin is <= 0: done, if the scoring would agree
+        if stochastic and len(idx):
+            wrong = torch.zeros(len(idx), device=x.device)
+            for _ in range(redraws):
+                wrong += (clf(x_best[idx]).argmax(-1) != y[idx]).float()
+            idx = idx[wrong > redraws / 2]
+        done[idx] = True
+
     x_best = (x + eps * signs(B, C, 1, W)).clamp(0, 1)  # vertical stripes
     margin = _margin(clf(x_best), y)
+    done = torch.zeros(B, dtype=torch.bool, device=x.device)
+    retire((margin <= 0).nonzero(as_tuple=True)[0])
     for it in range(queries):
-        live = (margin > 0).nonzero(as_tuple=True)[0]
+        live = (~done).nonzero(as_tuple=True)[0]
         if len(live) == 0:
             break
         s = int(round(math.sqrt(_square_p(p_init, it, queries) * H * W)))
@@ -178,13 +195,11 @@ def square_linf(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
         delta[:, :, r0:r0 + s, c0:c0 + s] = eps * signs(len(live), C, 1, 1)
         cand = (x_l + delta).clamp(0, 1)
         m_new = _margin(clf(cand), y[live])
-        better = m_new < margin[live]
-        idx = live[better]
-        x_best[idx], margin[idx] = cand[better], m_new[better]
-        if stochastic and len(idx):  # a stochastic fool retires the image only when a fresh draw confirms it
-            fooled = idx[margin[idx] <= 0]
-            if len(fooled):
-                margin[fooled] = torch.maximum(margin[fooled], _margin(clf(x_best[fooled]), y[fooled]))
+        m_cur = _margin(clf(best_l), y[live]) if stochastic else margin[live]
+        better = m_new < m_cur
+        x_best[live[better]] = cand[better]
+        margin[live] = torch.where(better, m_new, m_cur)
+        retire(live[margin[live] <= 0])
     return x_best
 
 
@@ -253,7 +268,10 @@ def apgd(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps:
 
     loss, grad, log_p = _loss_and_grad(clf, x_adv, y, eot_iter, loss_name, target)
     fooled = log_p.argmax(-1) != y
-    x_found = x_adv.clone()  # a misclassified point when one was found
+    # the misclassified point with the highest loss found so far. AutoAttack keeps the latest one; for a
+    # deterministic classifier any fool scores the same, but the S-sample prediction is scored afresh (most of
+    # `redraws` predictions must be wrong) and the first point whose EOT average flips sits on the boundary
+    x_found, loss_found = x_adv.clone(), torch.where(fooled, loss, torch.full_like(loss, -math.inf))
     x_best, loss_best, grad_best = x_adv.clone(), loss.clone(), grad.clone()
     step = torch.full(view, 2.0 * eps, device=x.device)
     checkpoints = set(_apgd_checkpoints(steps))
@@ -272,8 +290,8 @@ def apgd(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps:
         loss, grad, log_p = _loss_and_grad(clf, x_adv, y, eot_iter, loss_name, target)
         with torch.no_grad():
             wrong = log_p.argmax(-1) != y
-            new_fool = wrong & ~fooled
-            x_found[new_fool] = x_adv[new_fool]
+            deeper = wrong & (loss >= loss_found)
+            x_found[deeper], loss_found[deeper] = x_adv[deeper], loss[deeper]
             fooled |= wrong
             increases += (loss > loss_prev).float()
             loss_prev = loss
@@ -309,7 +327,7 @@ def score(clf: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, redraws: int = 1
     return hits / n
 
 
-def _run_attack(attack: str, clf, xb, yb, *, eps, steps, alpha, eot_iter, n_targets, seed):
+def _run_attack(attack: str, clf, xb, yb, *, eps, steps, alpha, eot_iter, n_targets, seed, redraws):
     if attack == "pgd":
         return pgd_linf(clf, xb, yb, eps=eps, steps=steps, alpha=alpha, eot_iter=eot_iter, seed=seed)
     if attack == "apgd":
@@ -318,7 +336,7 @@ def _run_attack(attack: str, clf, xb, yb, *, eps, steps, alpha, eot_iter, n_targ
         return apgd(clf, xb, yb, eps=eps, steps=steps, loss="dlr", eot_iter=eot_iter, seed=seed)
     if attack == "apgd-t":
         return apgd_targeted(clf, xb, yb, eps=eps, steps=steps, n_targets=n_targets, eot_iter=eot_iter, seed=seed)
-    return square_linf(clf, xb, yb, eps=eps, queries=steps, seed=seed)  # square: steps = queries
+    return square_linf(clf, xb, yb, eps=eps, queries=steps, seed=seed, redraws=redraws)  # square: steps = queries
 
 
 def attack_scores(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: str, eps: float, steps: int,
@@ -341,6 +359,8 @@ def attack_scores(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: s
     for name, v in (("restarts", restarts), ("redraws", redraws), ("n_targets", n_targets)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if redraws % 2 == 0:  # "most predictions wrong" must have no tie (a tie would count as right)
+        raise ValueError(f"redraws must be odd, got {redraws}")
     device = device or next(clf.parameters()).device
     clf.eval()
     fracs, t_fracs = [], []
@@ -354,7 +374,7 @@ def attack_scores(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: s
         for r in range(restarts if eps > 0 else 1):
             sd = seed + first_batch + bi + 1_000_003 * r
             xa = xb if eps <= 0 else _run_attack(attack, clf, xb, yb, eps=eps, steps=steps, alpha=alpha,
-                                                 eot_iter=eot_iter, n_targets=n_targets, seed=sd)
+                                                 eot_iter=eot_iter, n_targets=n_targets, seed=sd, redraws=redraws)
             frac_b = torch.minimum(frac_b, score(clf, xa, yb, redraws))
             if transfer_to is not None:
                 t_frac_b = torch.minimum(t_frac_b, score(transfer_to, xa, yb, redraws))

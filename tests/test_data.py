@@ -58,6 +58,34 @@ def test_cifar100_pickle_format(tmp_path):
     assert x.shape == (20, 3, 32, 32) and num_classes_of(ds) == 100
 
 
+class _Payload:
+    """What a planted batch file would hold: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    good = {"data": np.zeros((10, 3072), dtype=np.uint8), "labels": list(range(10))}
+    for i in range(1, 6):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump(good if i != 3 else dict(good, labels=_Payload(marker)), f, protocol=2)
+    with pytest.raises(DataRootError, match=r"data_batch_3' is not a CIFAR batch: it names posix.system"):
+        load_dataset("cifar10", tmp_path, "train")
+    assert not marker.exists()
+    with open(folder / "data_batch_3", "wb") as f:  # the same files without the payload load
+        pickle.dump(good, f, protocol=2)
+    assert as_tensors(load_dataset("cifar10", tmp_path, "train"))[0].shape == (50, 3, 32, 32)
+
+
 def test_clear_errors_for_bad_roots(tmp_path):
     with pytest.raises(DataRootError, match="does not exist"):
         load_dataset("mnist", tmp_path / "nope")

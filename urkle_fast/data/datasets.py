@@ -109,10 +109,32 @@ def _mnist(root: Path, split: str) -> InMemoryDataset:
     return InMemoryDataset(ds.data.unsqueeze(1).contiguous(), ds.targets, ds.classes)
 
 
-def _cifar_pickle(name: str, root: Path, split: str) -> InMemoryDataset:
-    """torchvision's CIFAR python pickles, read directly (no md5 check, so re-packed copies load)."""
+# what CIFAR's python batches hold besides dicts, lists, strings and numbers: numpy arrays (numpy 1 and 2 names),
+# and bytes as a protocol-2 pickle written by Python 3 spells them (_codecs.encode: a pure function)
+_CIFAR_GLOBALS = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")
+                  } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+def _load_cifar_batch(path: Path):
+    """One CIFAR batch file, unpickled with only numpy's array globals allowed: a file that names any other
+    callable (a planted ``os.system``, say) is refused before anything runs. torchvision checks the known md5s
+    instead, which a re-packed copy fails."""
     import pickle
 
+    class ArraysOnly(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in _CIFAR_GLOBALS:
+                return super().find_class(module, name)
+            raise DataRootError(f"{str(path)!r} is not a CIFAR batch: it names {module}.{name}, which unpickling "
+                                f"would call; refused (only numpy arrays, lists and dicts are read)")
+
+    with open(path, "rb") as fh:
+        return ArraysOnly(fh, encoding="latin1").load()
+
+
+def _cifar_pickle(name: str, root: Path, split: str) -> InMemoryDataset:
+    """torchvision's CIFAR python pickles, read directly (no md5 check, so re-packed copies load; what they may
+    contain is restricted instead, ``_load_cifar_batch``)."""
     folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
     if name == "cifar10":
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
@@ -124,14 +146,12 @@ def _cifar_pickle(name: str, root: Path, split: str) -> InMemoryDataset:
     for f in files:
         if not (folder / f).is_file():
             raise DataRootError(f"{name}: {str(folder / f)!r} is missing (expected torchvision's {folder.name}/ layout)")
-        with open(folder / f, "rb") as fh:
-            entry = pickle.load(fh, encoding="latin1")
+        entry = _load_cifar_batch(folder / f)
         data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(entry[label_key])
     classes = []
     if (folder / meta).is_file():
-        with open(folder / meta, "rb") as fh:
-            classes = pickle.load(fh, encoding="latin1").get(names_key, [])
+        classes = _load_cifar_batch(folder / meta).get(names_key, [])
     return InMemoryDataset(torch.from_numpy(np.concatenate(data)), torch.tensor(labels), classes)
 
 

@@ -170,6 +170,28 @@ def test_a_model_holding_nan_is_never_written(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_under_torchrun_an_error_never_writes_the_unchecked_periodic_snapshot(tmp_path, capsys):
+    """A periodic snapshot is written only once the next step's loss is finite. An error in that step under
+    torchrun may be a peer that stopped on NaN / inf (its checks are its own), so rank 0 writes nothing; a single
+    process (where NaN is a NonFiniteLossError, not this path) writes the snapshot of the step it was taken at."""
+    from types import SimpleNamespace
+
+    from urkle_fast.train import _save_on_error
+
+    for world, written in ((2, False), (1, True)):
+        path = tmp_path / f"world{world}" / "checkpoint.pt"
+        path.parent.mkdir()
+        run = SimpleNamespace(ctx=SimpleNamespace(world_size=world, is_main=True), step=5, saved_step=3,
+                              pending=(5, b"the snapshot of step 5"), ckpt_path=path)
+        _save_on_error(run, 1.0)
+        assert path.exists() == written, world
+        if written:
+            assert path.read_bytes() == b"the snapshot of step 5" and run.saved_step == 5 and run.pending is None
+        else:
+            assert run.pending is not None
+    assert "saved the checkpoint of that step" in capsys.readouterr().err
+
+
 def test_a_torn_metrics_line_and_stale_temp_files_are_cleaned_on_resume(tmp_path, capsys):
     assert _run(tmp_path, "--max-steps", "1") == 0
     run = tmp_path / "run"

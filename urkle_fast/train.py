@@ -751,8 +751,12 @@ def _finished(cfg: TrainConfig, note: str) -> dict:
 def _save_on_error(run: Run, loss: Optional[float]) -> None:
     """An unexpected error in the loop: keep the last completed step. A periodic snapshot taken at this very
     step is the consistent one (the failed step may have touched batch-norm statistics and random
-    states): rank 0 writes it, no collective needed. Otherwise, one process only (a collective save cannot
+    states), written by a single process. Under torchrun nothing is written: the error may be a peer that
+    stopped on NaN / inf in this very step (its checks are its own), so the snapshot's weights may be the
+    diverged ones; the last checkpoint written stays. Otherwise, one process only (a collective save cannot
     run when one rank has failed), the state as it is."""
+    if run.ctx.world_size > 1:
+        return
     if run.pending is not None and run.pending[0] == run.step and run.ctx.is_main:
         try:
             write_pending(run)
@@ -761,7 +765,7 @@ def _save_on_error(run: Run, loss: Optional[float]) -> None:
         except Exception as exc:
             print(f"error at step {run.step}; its checkpoint could not be saved either ({exc})", file=sys.stderr)
         return
-    if run.ctx.world_size > 1 or run.step <= run.saved_step:
+    if run.step <= run.saved_step:
         return
     try:
         path = save(run, loss)

@@ -43,6 +43,19 @@ def test_imagenet_layout_on_tiny_imagenet():
     assert x.shape == (3, 64, 64) and x.dtype == torch.uint8 and num_classes_of(ds) == 100
 
 
+def test_epoch_batches_of_an_image_folder_leave_the_global_random_stream_alone():
+    # a resumed run restores the global stream at its checkpoint, then starts a partial epoch: if building the
+    # loader drew from that stream, every later z sample and random start would differ from the uninterrupted run
+    ds = load_dataset("imagenet", DATA / "tiny-imagenet-100", "test", image_size=16)
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    for start in (0, 3):
+        batches = epoch_batches(ds, 8, seed=1, epoch=2, start_batch=start)
+        next(batches)
+        batches.close()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_cifar100_pickle_format(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()

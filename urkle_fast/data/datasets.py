@@ -315,9 +315,13 @@ def epoch_batches(ds: Dataset, batch_size: int, *, seed: int, epoch: int, start_
         for idx in batches:
             yield ds.images[idx], ds.labels[idx]
         return
+    # generator: a DataLoader iterator draws its workers' base seed from it, by default from the global stream,
+    # one draw per epoch here; a run resumed mid-epoch would make one more and shift every later z sample and
+    # random start against the uninterrupted run
     loader = DataLoader(ds, batch_sampler=[b.tolist() for b in batches], num_workers=num_workers,
                         pin_memory=pin_memory, persistent_workers=False,
-                        worker_init_fn=_ignore_stop_signals if num_workers else None)
+                        worker_init_fn=_ignore_stop_signals if num_workers else None,
+                        generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     it = iter(loader)
     try:
         for images, labels in it:

@@ -192,6 +192,26 @@ def test_under_torchrun_an_error_never_writes_the_unchecked_periodic_snapshot(tm
     assert "saved the checkpoint of that step" in capsys.readouterr().err
 
 
+def test_a_second_run_on_a_running_runs_out_dir_is_refused(tmp_path, capsys):
+    """A run's --out-dir is locked while it runs: another run started there (the same command twice, a requeue
+    while the first still runs, --resume if-exists before the first checkpoint) is refused and touches nothing;
+    once the first ends, the folder is free again."""
+    from urkle_fast.checkpoint import claim_folder, release_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    first = claim_folder(run)  # the running run (the lock is per open file: the same process shows it too)
+    (run / "metrics.jsonl").write_text("")  # a fresh run's log before its first record
+    for extra in ([], ["--resume", "if-exists"], ["--overwrite"]):
+        assert _run(tmp_path, "--max-steps", "1", *extra) == 2
+        err = capsys.readouterr().err
+        assert f"--out-dir {str(run)!r} is in use by another run (pid {os.getpid()} on " in err, extra
+        assert sorted(p.name for p in run.iterdir()) == [".run.lock", "metrics.jsonl"]
+    release_folder(first)
+    assert _run(tmp_path, "--max-steps", "1", "--resume", "if-exists") == 0
+    assert _run(tmp_path, "--max-steps", "2", "--resume") == 0  # train() let go of it at the end
+
+
 def test_a_torn_metrics_line_and_stale_temp_files_are_cleaned_on_resume(tmp_path, capsys):
     assert _run(tmp_path, "--max-steps", "1") == 0
     run = tmp_path / "run"

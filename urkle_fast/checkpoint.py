@@ -66,6 +66,36 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def claim_folder(folder: str | os.PathLike, flag: str = "--out-dir"):
+    """An exclusive lock on ``<folder>/.run.lock`` for as long as the returned file stays open (the OS drops it
+    when the process ends, however it ends): a second run started on the same folder while the first still
+    runs (a double submit, a requeue) is refused before it reads or writes anything there. Close the file (or
+    ``release_folder``) to let go."""
+    import fcntl
+    import socket
+
+    path = Path(folder) / ".run.lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a running process"
+        f.close()
+        raise ValueError(f"{flag} {str(folder)!r} is in use by another run ({holder}): wait for it to end, or "
+                         f"choose another {flag}") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def release_folder(lock) -> None:
+    if lock is not None and not lock.closed:
+        lock.close()
+
+
 def save_checkpoint(state: Mapping[str, Any] | bytes, path: str | os.PathLike) -> Path:
     """Write ``state`` (or its ``checkpoint_bytes``) to ``path`` atomically (``write_atomic``)."""
     return write_atomic(path, state if isinstance(state, bytes) else checkpoint_bytes(state))

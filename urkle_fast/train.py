@@ -39,8 +39,9 @@ import torch
 import torch.nn as nn
 
 from urkle_fast import distributed as udist
-from urkle_fast.checkpoint import (CheckpointError, checkpoint_bytes, load_checkpoint, load_model, non_finite_entries,
-                                   remove_stale_temp_files, save_checkpoint, unwrap, write_text_atomic)
+from urkle_fast.checkpoint import (CheckpointError, checkpoint_bytes, claim_folder, load_checkpoint, load_model,
+                                   non_finite_entries, release_folder, remove_stale_temp_files, save_checkpoint, unwrap,
+                                   write_text_atomic)
 from urkle_fast.cli import config_from, flag as _flag, given_fields, opt, parser_for
 from urkle_fast.data import INFO, BadImageError, DataRootError, InMemoryDataset, LazyViews, load_dataset, num_classes_of
 from urkle_fast.data.loader import forever, make_train_loader, resolve_loader
@@ -323,6 +324,7 @@ class Run:
     auto_micro: bool = False  # --micro-batch auto: a step that runs out of memory is retried with half the chunk
     saved_step: int = 0  # the step of the checkpoint on disk
     pending: Optional[tuple] = None  # (step, bytes) of a deferred checkpoint (see save)
+    lock: Any = None  # rank 0: the open lock file of --out-dir (checkpoint.claim_folder)
 
     @property
     def ckpt_path(self) -> Path:
@@ -490,8 +492,20 @@ def _model(cfg: TrainConfig, ctx: udist.DistContext, sync_bn: bool) -> nn.Module
 
 def setup(cfg: TrainConfig) -> Run:
     """Data, model, optimiser, schedule, loader and log of a run, restored from its checkpoint when
-    resuming. Under torchrun the process group must exist already (main() starts it)."""
+    resuming. Under torchrun the process group must exist already (main() starts it). Rank 0 holds the
+    --out-dir's lock from here until train() ends (``run.lock``)."""
     validate(cfg)
+    lock = claim_folder(cfg.out_dir) if udist.rank() == 0 else None  # before anything there is read or written
+    try:
+        run = _setup(cfg)
+    except BaseException:
+        release_folder(lock)
+        raise
+    run.lock = lock
+    return run
+
+
+def _setup(cfg: TrainConfig) -> Run:
     cfg, resume = _load_resume(cfg)
     cfg = resolve_config(cfg)
     ctx, method = udist.context(cfg.device), get_method(cfg.method)
@@ -858,6 +872,7 @@ def train(cfg: TrainConfig) -> dict:
             getattr(batches, "close", lambda: None)()  # the loader's decoding workers end here, error or not
             run.log.close(f"{cfg.method} on {cfg.dataset}, batch {cfg.batch_size}"
                           + (f", {run.ctx.world_size} processes" if run.ctx.world_size > 1 else ""), label=cfg.method)
+            release_folder(run.lock)
     skipped = Path(cfg.out_dir) / "skipped_images.tsv"
     if run.ctx.is_main and skipped.exists():
         n = len({ln.split("\t")[0] for ln in skipped.read_text().splitlines() if ln.strip()})

@@ -124,7 +124,7 @@ def collect(out: Path, seeds: list[int], budgets: list[str]) -> dict:
                 fp = r["settings"].get("test_fingerprint")
                 row["headline"] = _headline(paths, fp)
                 if "note" not in paths["samples"]:
-                    row["z_mu"] = _cell(paths, "mu")
+                    row["z_mu"] = _cell(paths, "mu", fp)
                 rows.append(row)
     return dict(rows=rows, settings=_settings(out, seeds), select=_select(out, seeds), bound=_bound(out, seeds),
                 tasks=_tasks(out, seeds), times=_times(out), speed=_speed(out, seeds))
@@ -327,6 +327,22 @@ def _supervised_vs_urkle(rows: list[dict], seed: int, eps: str, budget: str) -> 
     return f"seed {seed}, labels {budget}, {_eps_label(eps)}: " + "; ".join(parts) if parts else None
 
 
+def _mu_vs_rocl(rows: list[dict], seed: int, eps: str, budget: str) -> Optional[str]:
+    """SimCLR+Urkle's z = mu path against RoCL: both deterministic, so this comparison rests on the attacks of
+    deterministic predictions alone (the S-sample prediction's EOT attacks and redraw rule play no part). None
+    until both rows are evaluated at eps."""
+    got = {r["method"]: r for r in rows if r["seed"] == seed and r["budget"] == budget and "headline" in r}
+    u, rocl = got.get("simclr_urkle"), got.get("rocl")
+    if u is None or rocl is None or "z_mu" not in u or u["z_mu"]["worst"].get(eps) is None \
+            or rocl["headline"]["worst"].get(eps) is None:
+        return None
+    c = _compare(dict(u, headline=u["z_mu"]), rocl, eps)
+    how = f"paired: {c['only_a']} images right only for z = mu, {c['only_b']} only for RoCL" if c["paired"] else "unpaired"
+    return (f"seed {seed}, labels {budget}, {_eps_label(eps)}: SimCLR+Urkle (z = mu) - RoCL {_diff(c)} '{_verdict(c)}' "
+            f"({how}; {_fmt(u['z_mu']['worst'][eps], u['z_mu']['worst_ci'][eps])} against "
+            f"{_fmt(rocl['headline']['worst'][eps], rocl['headline']['worst_ci'][eps])})")
+
+
 def _eps_label(e: str) -> str:
     return f"{round(float(e) * 255)}/255"
 
@@ -372,6 +388,11 @@ def markdown(summary: dict, budgets: list[str]) -> str:
         lines += ["", "## Across seeds (each seed's difference in points with its 95% interval; '>' when it excludes "
                   "0; one seed's interval holds the test images' noise, the spread between seeds the training's)", ""]
         lines += [f"- {_across_seeds(rows, seeds, e, b)}" for b in budgets for e in EPS]
+    mu = [line for s in seeds for b in budgets for e in EPS if (line := _mu_vs_rocl(rows, s, e, b))]
+    if mu:
+        lines += ["", "## SimCLR+Urkle's z = mu path against RoCL (both deterministic: no EOT attack or redraw rule "
+                  "enters; difference in points, 95% interval)", ""]
+        lines += [f"- {line}" for line in mu]
     versus = [line for s in seeds for b in budgets for e in EPS if (line := _supervised_vs_urkle(rows, s, e, b))]
     if versus:
         lines += ["", "## The supervised adversarial models against SimCLR+Urkle (difference in points, 95% "

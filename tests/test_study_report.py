@@ -250,6 +250,30 @@ def test_across_seeds_pairs_a_seed_whose_evaluations_kept_per_image_results():
     assert "RoCL - SimCLR: seed 0 +25.0 [" in line and line.count("unpaired") == 2
 
 
+def test_simclr_urkle_z_mu_is_compared_with_rocl():
+    """The deterministic-only comparison: SimCLR+Urkle's z = mu cell (not its S-sample headline) against RoCL,
+    paired when both kept per-image results on the same images."""
+    rep = _report()
+    u_paths = {"mu": _path(0.5, 0.25, 0.06), "samples": _path(0.5, 0.20, 0.04)}
+    bits = {E8: ("f0" * 25, "c0" * 25), E16: ("80" * 25, "00" * 25)}  # 200 images: 4 vs 2 of 8, 1 vs 0 of 8
+    u = dict(seed=0, budget="all", method="simclr_urkle", name="SimCLR+Urkle", n_test=200,
+             headline=rep._cell(u_paths, "samples"), z_mu=rep._cell(u_paths, "mu"))
+    rocl = dict(seed=0, budget="all", method="rocl", name="RoCL", n_test=200,
+                headline=rep._cell({"mu": _path(0.5, 0.20, 0.02)}, "mu"))
+    line = rep._mu_vs_rocl([u, rocl], 0, E8, "all")
+    d, lo, hi = rep.newcombe_difference(0.25, [0.23, 0.27], 0.20, [0.18, 0.22])
+    assert line == (f"seed 0, labels all, 8/255: SimCLR+Urkle (z = mu) - RoCL +5.0 [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+                    f"'>' (unpaired; 25.0 [23.0, 27.0] against 20.0 [18.0, 22.0])")
+    # paired: per-image bits on the same images
+    u["z_mu"]["paired"] = dict(fingerprint="f", bits={e: b[0] for e, b in bits.items()})
+    rocl["headline"]["paired"] = dict(fingerprint="f", bits={e: b[1] for e, b in bits.items()})
+    paired = rep._mu_vs_rocl([u, rocl], 0, E8, "all")
+    assert "(paired: 50 images right only for z = mu, 0 only for RoCL;" in paired
+    assert rep._mu_vs_rocl([u], 0, E8, "all") is None and rep._mu_vs_rocl([u, rocl], 1, E8, "all") is None
+    table = rep.markdown(dict(rows=[u, rocl], settings={}, select=[], bound=[], tasks=[], times={}), ["all"])
+    assert "## SimCLR+Urkle's z = mu path against RoCL" in table and f"- {paired}" in table
+
+
 def test_supervised_models_are_compared_with_simclr_urkle():
     """AT and TRADES against SimCLR+Urkle per seed, budget and eps; a model without a row is left out, and no line
     without SimCLR+Urkle's."""

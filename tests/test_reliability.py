@@ -247,12 +247,47 @@ def test_every_bad_flag_is_named_before_any_work(tmp_path, capsys, flag, value, 
     (["--method", "standard", "--label-budget", "5000"], "--label-budget 5000: label budget 5000 exceeds the"),
     (["--device", "tpu"], "--device 'tpu': device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     (["--device", "cpu", "--dist-backend", "nccl"], "--dist-backend nccl needs CUDA devices, and --device 'cpu'"),
+    (["--device", "cuda:x"], "--device 'cuda:x': device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (["--compile-backend", "fast"], "--compile-backend must be one of torch.compile's backends (aot_eager, eager, "),
 ])
 def test_flags_that_clash_with_the_data_or_the_machine_are_named(tmp_path, capsys, args, message):
     assert main(["--dataset", "digits", "--out-dir", str(tmp_path / "bad"), "--no-progress", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+def test_sync_bn_on_cpu_processes_under_torchrun_is_refused_before_the_group(tmp_path, capsys, monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: pytest.fail("the group was started"))
+    assert main(["--dataset", "digits", "--out-dir", str(tmp_path / "r"), "--device", "cpu", "--sync-bn"]) == 2
+    assert "--sync-bn needs CUDA devices" in capsys.readouterr().err
+
+
+def test_a_resume_on_a_changed_training_set_is_refused(tmp_path, data_root, capsys):
+    """--data-root may change on resume (the data moved), but not what it holds: another number of images would
+    change the steps per epoch, the schedule and the data order."""
+    src = data_root / "tiny-imagenet-100" / "train"
+    classes = sorted(p.name for p in src.iterdir())[:2]
+    for c in classes:
+        (tmp_path / "tree" / "train" / c).mkdir(parents=True)
+        for f in sorted((src / c).iterdir())[:8]:
+            os.symlink(f, tmp_path / "tree" / "train" / c / f.name)
+    args = ["--dataset", "folder", "--data-root", str(tmp_path / "tree"), "--loader", "torch", "--num-workers", "0",
+            "--image-size", "16", "--arch", "resnet18", "--d-z", "16", "--proj-hidden", "16", "--proj-dim", "8",
+            "--batch", "8", "--epochs", "2", "--pgd-steps", "1", "--threads", "1", "--no-progress",
+            "--out-dir", str(tmp_path / "run")]
+    assert main([*args, "--max-steps", "1"]) == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["n_train"] == 16
+    capsys.readouterr()
+    ninth = sorted((src / classes[0]).iterdir())[8]  # one more image of the first class
+    os.symlink(ninth, tmp_path / "tree" / "train" / classes[0] / ninth.name)
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: the training set now has 17 images" in err and "the checkpoint's run had 16" in err
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 1
 
 
 def test_an_unwritable_out_dir_is_named(tmp_path, capsys):

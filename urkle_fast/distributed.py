@@ -67,9 +67,13 @@ def _device_of(device: str) -> tuple[bool, int, torch.device]:
     """(wants CUDA, LOCAL_RANK, this process's device) for ``device`` in auto / cpu / cuda / cuda:N."""
     if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if str(device).startswith("cuda:") and not str(device)[5:].isdigit():
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     want_cuda = torch.cuda.is_available() if device == "auto" else str(device).startswith("cuda")
     if want_cuda and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was requested but torch.cuda.is_available() is False")
+    if str(device).startswith("cuda:") and int(str(device)[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     local_rank = _env_int("LOCAL_RANK", 0)
     if not (_env_int("WORLD_SIZE", 1) > 1 or is_distributed()):
         return want_cuda, 0, torch.device(device if str(device).startswith("cuda:") else ("cuda" if want_cuda else "cpu"))
@@ -80,6 +84,16 @@ def _device_of(device: str) -> tuple[bool, int, torch.device]:
         raise ValueError(f"LOCAL_RANK={local_rank} but only {n_gpu} CUDA devices are visible; start at most "
                          f"{n_gpu} processes per node (torchrun --nproc-per-node {n_gpu})")
     return True, local_rank, torch.device("cuda", local_rank)
+
+
+def env_world_size() -> int:
+    """The number of processes torchrun started (WORLD_SIZE; 1 without torchrun)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
+def wants_cuda(device: str) -> bool:
+    """Whether ``device`` (auto / cpu / cuda / cuda:N) puts this process on a GPU."""
+    return _device_of(device)[0]
 
 
 def check_device_flags(device: str, backend: Optional[str] = None) -> None:

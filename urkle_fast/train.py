@@ -243,6 +243,13 @@ def validate(cfg: TrainConfig) -> None:
             need(getattr(cfg, name) >= 1, name, "an integer >= 1")
     need(finite(cfg.dist_timeout) and cfg.dist_timeout > 0, "dist_timeout", "a positive number of seconds")
     udist.check_device_flags(cfg.device, cfg.dist_backend)
+    if cfg.compile_backend not in torch.compiler.list_backends(exclude_tags=()):
+        raise ValueError(f"--compile-backend must be one of torch.compile's backends "
+                         f"({', '.join(['aot_eager', 'eager', *torch.compiler.list_backends()])}, ...), got "
+                         f"{cfg.compile_backend!r}")
+    if cfg.sync_bn and udist.env_world_size() > 1 and not udist.wants_cuda(cfg.device):
+        raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); use --no-sync-bn "
+                         "for CPU processes")
     need(finite(cfg.diverge_factor) and cfg.diverge_factor >= 0, "diverge_factor", "a number >= 0")
     if cfg.resume not in (None, "auto", "if-exists") and not Path(cfg.resume).is_file():
         raise ValueError(f"--resume {cfg.resume!r}: no such checkpoint file")
@@ -325,6 +332,7 @@ class Run:
     saved_step: int = 0  # the step of the checkpoint on disk
     pending: Optional[tuple] = None  # (step, bytes) of a deferred checkpoint (see save)
     lock: Any = None  # rank 0: the open lock file of --out-dir (checkpoint.claim_folder)
+    n_train: Optional[int] = None  # images in the training set (a resume must see the same number)
 
     @property
     def ckpt_path(self) -> Path:
@@ -517,6 +525,10 @@ def _setup(cfg: TrainConfig) -> Run:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     ds = _train_dataset(cfg)
+    if resume is not None and resume.get("n_train") not in (None, len(ds)):  # (checkpoints before it: unchecked)
+        raise ValueError(f"--resume: the training set now has {len(ds)} images (--data-root {cfg.data_root!r}), the "
+                         f"checkpoint's run had {resume['n_train']}: its steps per epoch, schedule and data order would "
+                         f"change. Resume with the same data, or start a new run (another --out-dir, or --overwrite)")
     if len(ds) < cfg.batch_size:  # no whole batch: no step (the loaders drop the last partial batch)
         which = (f" (--label-budget {cfg.label_budget})" if cfg.label_budget else
                  f" (--train-subset {cfg.train_subset})" if cfg.train_subset else f" ({cfg.dataset})")
@@ -583,7 +595,7 @@ def _setup(cfg: TrainConfig) -> Run:
                  tensorboard=cfg.tensorboard, resumed=resume is not None)
     return Run(cfg, ctx, method, model, step_module, optimizer, scheduler, loader, log, spe, end_step, step,
                amp=on_cuda if cfg.amp is None else cfg.amp, channels_last=channels_last, micro=micro,
-               auto_micro=cfg.micro_batch == "auto", saved_step=step)
+               auto_micro=cfg.micro_batch == "auto", saved_step=step, n_train=len(ds))
 
 
 def _restore(state: dict, model, optimizer, scheduler, ctx: udist.DistContext, cfg: TrainConfig) -> None:
@@ -626,6 +638,7 @@ def save(run: Run, loss: Optional[float], *, deferred: bool = False) -> Path:
             "rng": rng_ranks[0], "rng_ranks": rng_ranks, "loader_ranks": loader_ranks, "world_size": run.ctx.world_size,
             "loss": loss, "torch_version": str(torch.__version__),
             "micro_chosen": run.micro,  # --micro-batch auto's choice (None: the whole batch; "auto": not made yet)
+            "n_train": run.n_train,
         })
         if deferred:
             run.pending = (run.step, snapshot)

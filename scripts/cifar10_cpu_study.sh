@@ -97,8 +97,9 @@ pool() {  # pool <command file>: run its lines LANES at a time; a failed line is
   local pids=() line rc=0
   # an interrupted study stops its steps too (a training checkpoints on SIGTERM; background jobs of a script
   # ignore Ctrl-C, so it is passed on as SIGTERM), and the next run resumes them
-  # (|| true: set -e holds in a trap too, and pkill fails for a line that has already ended)
-  trap 'for p in "${pids[@]}"; do pkill -TERM -P "$p" || true; done; wait || true; exit 130' INT TERM
+  # (|| true: set -e holds in a trap too, and pkill fails for a line that has already ended; jobs -rp: the
+  # lines still running, not every PID this pool started, which the system may since have given to another process)
+  trap 'for p in $(jobs -rp); do pkill -TERM -P "$p" || true; done; wait || true; exit 130' INT TERM
   while IFS= read -r line; do
     while [ "$(jobs -rp | wc -l)" -ge "$LANES" ]; do wait -n || rc=1; done
     bash -c "$line" & pids+=($!)

@@ -65,7 +65,9 @@ def _env_int(name: str, default: int) -> int:
 
 def _device_of(device: str) -> tuple[bool, int, torch.device]:
     """(wants CUDA, LOCAL_RANK, this process's device) for ``device`` in auto / cpu / cuda / cuda:N."""
-    if device not in ("auto", "cpu", "cuda") and not (str(device).startswith("cuda:") and str(device)[5:].isdigit()):
+    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if str(device).startswith("cuda:") and not str(device)[5:].isdigit():
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     want_cuda = torch.cuda.is_available() if device == "auto" else str(device).startswith("cuda")
     if want_cuda and not torch.cuda.is_available():
@@ -97,7 +99,7 @@ def wants_cuda(device: str) -> bool:
 def check_device_flags(device: str, backend: Optional[str] = None) -> None:
     """--device and --dist-backend, before any work (the entry points' validate): the message names the flag."""
     try:
-        want_cuda = wants_cuda(device)
+        want_cuda = _device_of(device)[0]
     except ValueError as exc:
         raise ValueError(f"--device {device!r}: {exc}") from None
     if backend is not None and backend not in ("nccl", "gloo"):

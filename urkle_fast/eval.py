@@ -884,8 +884,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         os.environ["TQDM_DISABLE"] = "1"  # under torchrun, progress bars from rank 0 only
     if cfg.dataset is not None:
         validate(cfg)  # bad flags fail before any checkpoint is read (evaluate_models checks again, cheaply)
-    else:  # the dataset comes from the checkpoint: validate runs in evaluate_models; the device is checked now
-        udist.check_device_flags(cfg.device or "auto")
+    udist.check_device_flags(cfg.device or "auto")  # (validate's check, for a dataset named by the checkpoint)
     udist.init_distributed(cfg.device or "auto")
     loaded = load_models(cfg.checkpoint, cfg.name)
     return _evaluate_loaded(loaded, dict(zip(loaded, cfg.checkpoint)), cfg)

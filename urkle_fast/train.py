@@ -210,10 +210,6 @@ class RunFinished(Exception):
     """--resume on a run that has reached its last step: nothing to do (the checkpoint is not touched)."""
 
 
-SYNC_BN_ON_CPU = ("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); use --no-sync-bn for CPU "
-                  "processes")
-
-
 def validate(cfg: TrainConfig) -> None:
     """Every flag's range, before any work; the message names the flag."""
     def need(ok: bool, name: str, what: str) -> None:
@@ -252,7 +248,8 @@ def validate(cfg: TrainConfig) -> None:
                          f"({', '.join(['aot_eager', 'eager', *torch.compiler.list_backends()])}, ...), got "
                          f"{cfg.compile_backend!r}")
     if cfg.sync_bn and udist.env_world_size() > 1 and not udist.wants_cuda(cfg.device):
-        raise ValueError(SYNC_BN_ON_CPU)
+        raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); use --no-sync-bn "
+                         "for CPU processes")
     need(finite(cfg.diverge_factor) and cfg.diverge_factor >= 0, "diverge_factor", "a number >= 0")
     if cfg.resume not in (None, "auto", "if-exists") and not Path(cfg.resume).is_file():
         raise ValueError(f"--resume {cfg.resume!r}: no such checkpoint file")
@@ -494,8 +491,9 @@ def _train_dataset(cfg: TrainConfig):
 def _model(cfg: TrainConfig, ctx: udist.DistContext, sync_bn: bool) -> nn.Module:
     model = build_model(asdict(cfg))
     if sync_bn and ctx.world_size > 1:
-        if ctx.device.type != "cuda":  # (validate refuses it first under torchrun; a group made by hand lands here)
-            raise ValueError(SYNC_BN_ON_CPU)
+        if ctx.device.type != "cuda":
+            raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); "
+                             "use --no-sync-bn for CPU processes")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model.to(ctx.device)
 

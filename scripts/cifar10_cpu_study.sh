@@ -3,8 +3,9 @@
 # at the scale a 2-core CPU allows. One command runs the whole study and continues where it stopped:
 #
 #   scripts/cifar10_cpu_study.sh                       # every stage, every seed (about 25 core-hours; RESULTS.md)
-#   SEEDS=0 scripts/cifar10_cpu_study.sh               # one seed
+#   SEEDS=0 OUT=runs/seed0 scripts/cifar10_cpu_study.sh   # one seed (its own OUT: it reports into OUT/report)
 #   PHASE=train SEEDS=0 scripts/cifar10_cpu_study.sh   # only the trainings (PHASE=select / eval / report: one stage)
+#   METHODS=urkle OUT=runs/urkle scripts/cifar10_cpu_study.sh  # some methods only (the others' rows are "not run")
 #
 # Stages, per seed:
 #   train   every model on the same budget: the first TRAIN_SUBSET images of the trainer's fixed shuffle,
@@ -40,6 +41,8 @@ REPORT=${REPORT:-$([ "$OUT" = runs/cifar10_cpu ] && echo results/cifar10_cpu || 
 DATA_ROOT=${DATA_ROOT:-../shared/data/cifar10-jpeg}
 PHASE=${PHASE:-all}
 SEEDS=${SEEDS:-"0 1"}
+ALL_METHODS="urkle rocl simclr trades at standard"
+METHODS=${METHODS:-$ALL_METHODS}         # the methods whose steps run (urkle: SimCLR+Urkle's trainings, choice and rows)
 LANES=${LANES:-2}
 TRAIN_SUBSET=${TRAIN_SUBSET:-8000}
 EPOCHS=${EPOCHS:-4}
@@ -63,6 +66,16 @@ for b in $BUDGETS; do  # a budget below one batch would give its supervised mode
   [ "$b" = all ] || [ "$b" -ge "$BATCH" ] 2>/dev/null || {
     echo "BUDGETS: each one 'all' or a label count >= $BATCH (one batch), got '$b'" >&2; exit 2; }
 done
+for m in $METHODS; do
+  [[ " $ALL_METHODS " == *" $m "* ]] || { echo "METHODS: each one of $ALL_METHODS, got '$m'" >&2; exit 2; }
+done
+[ -n "${METHODS// }" ] || { echo "METHODS: at least one of $ALL_METHODS" >&2; exit 2; }
+# a study of some methods or one seed must not rewrite the committed report of the whole study ("not run" rows)
+if [ "$REPORT" = results/cifar10_cpu ] && [ "${PHASE:-all}" != train ] && [ "${PHASE:-all}" != select ] &&
+   [ "${PHASE:-all}" != eval ] && { [ "$(echo $METHODS)" != "$ALL_METHODS" ] || [ "$(echo $SEEDS)" != "0 1" ]; }; then
+  echo "METHODS=\"$METHODS\" SEEDS=\"$SEEDS\" would report into results/cifar10_cpu, the committed report of" \
+    "every method and seeds 0 1: set OUT or REPORT" >&2; exit 2
+fi
 case "$PHASE" in all|train|select|eval|report) ;;
   *) echo "PHASE must be all, train, select, eval or report, got '$PHASE'" >&2; exit 2 ;; esac
 mkdir -p "$OUT/logs"
@@ -87,6 +100,8 @@ timed() {  # timed <step> <command...>: log (appended: a resumed step keeps its 
   [ "$rc" = 0 ] || echo "$1 failed (exit $rc): $OUT/logs/$1.log" >&2
   return "$rc"
 }
+
+wanted() { [[ " $METHODS " == *" $1 "* ]]; }  # wanted <method>: its steps run in this study
 
 finished() {  # finished <step>: its last try ended with exit status 0
   awk -F'\t' -v s="$1" '$1 == s {rc = $3} END {exit !(rc == "0")}' "$OUT/times.tsv"
@@ -114,10 +129,11 @@ pool() {  # pool <command file>: run its lines LANES at a time; a failed line is
 runs_of_seed() {  # runs_of_seed <seed> <tier>: tier 1 the all-label models, tier 2 the label-budget classifiers
   local s=$1 b official
   if [ "$2" = 1 ]; then
-    for b in $BETAS; do
+    wanted urkle && for b in $BETAS; do
       echo "urkle_b${b}_s$s|simclr_urkle|--beta-robust $b --train-subset $TRAIN_SUBSET --epochs $EPOCHS"
     done
     for m in rocl trades at simclr standard; do
+      wanted "$m" || continue
       # RoCL as its official code trains it: the column-detached similarity S = P P.detach()^T (docs/MATH.md sec. 5)
       case $m in rocl) official=" --detach-columns" ;; *) official="" ;; esac
       echo "${m}_s$s|$m|--train-subset $TRAIN_SUBSET --epochs $EPOCHS$official"
@@ -135,6 +151,7 @@ runs_of_seed() {  # runs_of_seed <seed> <tier>: tier 1 the all-label models, tie
     ep=$(( (steps + spe - 1) / spe )); [ "$ep" -ge 1 ] || ep=1
     warm=$(awk -v w="$WARMUP" -v a=$(( TRAIN_SUBSET / BATCH )) -v s="$spe" 'BEGIN {printf "%.6g", w * a / s}')
     for m in trades at standard; do
+      wanted "$m" || continue
       echo "${m}_${b}_s$s|$m|--label-budget $b --epochs $ep --warmup-epochs $warm"
     done
   done
@@ -162,6 +179,7 @@ declare -A NAME=([standard]=Standard [at]=AT [trades]=TRADES [simclr]=SimCLR [ro
 
 select_stage() {  # each beta on the held-out images (LANES at a time), then the choice per seed
   local cmds s b
+  wanted urkle || return 0
   cmds=$(mktemp)
   for s in $SEEDS; do
     for b in $BETAS; do
@@ -200,7 +218,10 @@ eval_stage() {  # eval_stage <tier> [rep|sup|extra]: 1 the all-label headline of
   # bound and the task)
   local cmds s u run m b common part=${2:-both}
   cmds=$(mktemp)
-  qeval() {  # qeval <step> <out folder> <training step> <eval flags...>: queued unless done or its model is not
+  qeval() {  # qeval <step> <out folder> <training step> <eval flags...>: queued unless done, its method is not
+    # wanted, or its model is not trained
+    local method=${1#*_}; method=${method%%_*}
+    wanted "$method" || return 0
     [ -f "$2/results.json" ] && return 0
     if ! finished "$3"; then echo "$1 waits for ${3/train_urkle_unchosen_s*/the beta choice}" >&2; return 0; fi
     set -- "$1" "$2" "${@:4}"

@@ -144,3 +144,32 @@ def test_the_label_budget_models_train_at_least_the_all_label_steps_with_the_sam
                        env={**os.environ, "PY": "echo", "OUT": str(tmp_path / "t"), "BUDGETS": "all 100"})
     assert r.returncode == 2 and "BUDGETS: each one 'all' or a label count >= 256" in r.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_methods_runs_only_the_named_methods_steps(tmp_path):
+    """METHODS=<some>: only their trainings and evaluations are queued (SimCLR+Urkle's still wait for the beta
+    choice); a name outside the study's six, or a partial study writing into the committed report, is refused
+    before any work. `echo` stands in for Python: each step's log holds its command."""
+    out = tmp_path / "s"
+    env = {**os.environ, "PY": "echo", "OUT": str(out), "SEEDS": "0", "BUDGETS": "all 5000", "METHODS": "urkle at"}
+    for phase in ("train", "eval"):
+        r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=120,
+                           env={**env, "PHASE": phase})
+        assert r.returncode == 0, r.stderr
+    assert set(_steps(out)) == {"train_urkle_b0.003_s0", "train_urkle_b0.01_s0", "train_urkle_b0.03_s0",
+                                "train_at_s0", "train_at_5000_s0", "eval_at_s0", "eval_at_5000_s0"}
+    assert "eval_urkle_unchosen_s0 waits for the beta choice" in r.stderr
+    assert not [w for w in ("rocl", "simclr", "trades", "standard") if w in r.stderr + r.stdout]
+
+    for methods, msg in (("urkle foo", "METHODS: each one of urkle rocl simclr trades at standard, got 'foo'"),
+                         (" ", "METHODS: at least one of")):
+        r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60,
+                           env={**env, "OUT": str(tmp_path / "t"), "METHODS": methods})
+        assert r.returncode == 2 and msg in r.stderr and not (tmp_path / "t").exists()
+    # the default OUT reports into results/cifar10_cpu: a study of some methods must not rewrite it
+    r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                       env={**{k: v for k, v in env.items() if k != "OUT"}, "METHODS": "urkle"})
+    assert r.returncode == 2 and "would report into results/cifar10_cpu" in r.stderr
+    r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                       env={**{k: v for k, v in env.items() if k not in ("OUT", "METHODS")}, "SEEDS": "0"})
+    assert r.returncode == 2 and "would report into results/cifar10_cpu" in r.stderr

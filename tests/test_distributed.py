@@ -316,6 +316,27 @@ def test_sync_bn_on_cpu_processes_is_a_clear_error(tmp_path):
     assert "--sync-bn needs CUDA devices" in proc.stderr
 
 
+def test_a_second_torchrun_job_on_a_running_runs_out_dir_is_refused_on_every_rank_at_once(tmp_path):
+    """Rank 0 takes the --out-dir lock and tells every rank its answer, so every rank stops with the reason. Before,
+    only rank 0 said it; torchrun's agent then ended the others, but under a launcher that does not (srun starting
+    each process) they waited --dist-timeout (300 s) in a collective that rank 0 never joined."""
+    from urkle_fast.checkpoint import claim_folder, release_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    held = claim_folder(out)  # the running run
+    try:
+        t0 = time.monotonic()
+        proc = _torchrun(out, "--max-steps", "1", "--resume", "if-exists", "--dist-timeout", "300", timeout=240,
+                         check=False)
+        took = time.monotonic() - t0
+    finally:
+        release_folder(held)
+    assert proc.returncode != 0 and took < 120, (took, proc.stderr[-3000:])
+    assert proc.stderr.count(f"--out-dir {str(out)!r} is in use by another run") == 2  # both ranks say why
+    assert sorted(p.name for p in out.iterdir()) == [".run.lock"]
+
+
 def test_rocl_with_its_official_similarity_trains_under_torchrun(tmp_path):
     _torchrun(tmp_path / "rocl", "--method", "rocl", "--detach-columns", "--max-steps", "2")
     ckpt = torch.load(tmp_path / "rocl" / "checkpoint.pt", weights_only=True)

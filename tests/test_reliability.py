@@ -55,7 +55,8 @@ def test_a_checkpoint_that_runs_code_is_refused_on_resume_and_in_eval(tmp_path, 
 
 
 def test_an_out_dir_holding_a_run_is_refused_and_overwrite_starts_afresh(tmp_path, capsys):
-    assert _run(tmp_path, "--max-steps", "2") == 0
+    assert _run(tmp_path, "--max-steps", "2", "--ckpt-every", "1") == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.prev.pt")["step"] == 1  # the final save kept it
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     capsys.readouterr()
     assert _run(tmp_path, "--max-steps", "1") == 2
@@ -66,6 +67,7 @@ def test_an_out_dir_holding_a_run_is_refused_and_overwrite_starts_afresh(tmp_pat
     recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1]  # not appended to the old run's records
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 1
+    assert not (tmp_path / "run" / "checkpoint.prev.pt").exists()  # the old run's, deleted with it
 
 
 def test_resume_applies_runtime_flags_and_refuses_the_rest(tmp_path, capsys):
@@ -190,6 +192,25 @@ def test_under_torchrun_an_error_never_writes_the_unchecked_periodic_snapshot(tm
         else:
             assert run.pending is not None
     assert "saved the checkpoint of that step" in capsys.readouterr().err
+
+
+def test_an_error_inside_a_step_that_cannot_be_rolled_back_keeps_the_last_checkpoint(tmp_path, capsys):
+    """A single process's error-time save rolls the failed step back (tests/test_train.py); where it cannot, it
+    writes nothing: DALI's loader has already moved past the step's batch, and an error inside the optimiser step
+    may leave the weights half updated."""
+    from types import SimpleNamespace
+
+    from urkle_fast.data.loader import TorchMultiView
+    from urkle_fast.train import _save_on_error, _StepStart
+
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"step 3")
+    for loader, updating, said in ((object(), False, "DALI's loader cannot be rewound"),
+                                   (TorchMultiView.__new__(TorchMultiView), True, "the weights may be half updated")):
+        run = SimpleNamespace(ctx=SimpleNamespace(world_size=1, is_main=True), step=5, saved_step=3, pending=None,
+                              ckpt_path=path, loader=loader)
+        _save_on_error(run, 1.0, _StepStart(step=5, rng={}, buffers={}, updating=updating))
+        assert path.read_bytes() == b"step 3" and said in capsys.readouterr().err
 
 
 def test_a_second_run_on_a_running_runs_out_dir_is_refused(tmp_path, capsys):

@@ -204,6 +204,65 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert model.kind == "representation"
 
 
+def test_a_final_save_keeps_the_checkpoint_it_replaces(tmp_path, monkeypatch):
+    """The final (or stop-time) save writes weights no forward pass has checked yet (a diverging last step can leave
+    them huge but finite), so the checkpoint it replaces, which a finite loss has checked, stays as
+    checkpoint.prev.pt; a resumed run that then meets a non-finite loss names it, and the files stay as they were."""
+    out = tmp_path / "run"
+    r = train(TrainConfig(method="simclr", out_dir=str(out), ckpt_every=2, max_steps=5, **TINY))
+    assert r["step"] == 5
+    # periodic checkpoints at steps 2 and 4 (step 4's written once step 5's loss was finite), the final one at 5
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 5
+    prev = load_checkpoint(out / "checkpoint.prev.pt")  # weights_only, as every load
+    assert prev["step"] == 4 and not list(out.glob(".*.tmp"))
+    before = {p.name: p.read_bytes() for p in (out / "checkpoint.pt", out / "checkpoint.prev.pt")}
+
+    real = Method.loss
+    monkeypatch.setattr(Method, "loss", lambda self, *a: (lambda l, m: (l * float("nan"), m))(*real(self, *a)))
+    with pytest.raises(NonFiniteLossError, match="step 5") as exc:
+        train(TrainConfig(method="simclr", out_dir=str(out), resume="auto", ckpt_every=2, **TINY))
+    assert f"--resume {out / 'checkpoint.prev.pt'} --out-dir <new folder>" in str(exc.value)
+    assert {p.name: p.read_bytes() for p in (out / "checkpoint.pt", out / "checkpoint.prev.pt")} == before
+
+    # the kept checkpoint continues in a new folder
+    monkeypatch.setattr(Method, "loss", real)
+    r = train(TrainConfig(method="simclr", out_dir=str(tmp_path / "again"), resume=str(out / "checkpoint.prev.pt"),
+                          ckpt_every=0, **TINY))
+    assert r["step"] == 8 and load_checkpoint(tmp_path / "again" / "checkpoint.pt")["step"] == 8
+    assert not (tmp_path / "again" / "checkpoint.prev.pt").exists()  # nothing was on disk there to keep
+
+
+def test_an_error_inside_a_step_saves_the_last_completed_step_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """An error after a step's forward (which drew z samples and random starts and updated batch-norm statistics)
+    but before its optimiser step: the error-time checkpoint is the last completed step with those rolled back,
+    so the resumed run ends bit for bit where an uninterrupted one does. SimCLR+Urkle on digits: random draws and
+    batch norm in every step."""
+    import urkle_fast.train as train_mod
+
+    kw = dict(TINY, method="simclr_urkle", max_steps=4, ckpt_every=0)
+    full = train(TrainConfig(out_dir=str(tmp_path / "full"), **kw))
+    assert any(k.endswith("running_mean") for k in full["model"].state_dict())
+
+    real, calls = train_mod.forward_backward, {"n": 0}
+
+    def failing(*args):
+        out = real(*args)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("the disk caught fire")
+        return out
+
+    monkeypatch.setattr(train_mod, "forward_backward", failing)
+    with pytest.raises(RuntimeError, match="caught fire"):
+        train(TrainConfig(out_dir=str(tmp_path / "cut"), **kw))
+    assert "error at step 2: saved the last completed step" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 2
+    monkeypatch.setattr(train_mod, "forward_backward", real)
+    r = train(TrainConfig(out_dir=str(tmp_path / "cut"), resume="auto", **kw))
+    a, b = _params(full["checkpoint"]), _params(r["checkpoint"])
+    assert r["step"] == 4 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_load_model_rebuilds_every_family(tmp_path):
     for method in ("simclr_urkle", "vae_urkle", "ae_trades", "trades"):
         r = train(TrainConfig(method=method, out_dir=str(tmp_path / method), max_steps=1, **TINY))

@@ -101,6 +101,30 @@ def save_checkpoint(state: Mapping[str, Any] | bytes, path: str | os.PathLike) -
     return write_atomic(path, state if isinstance(state, bytes) else checkpoint_bytes(state))
 
 
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where ``keep_previous`` puts the checkpoint a final save replaces: ``checkpoint.pt`` -> ``checkpoint.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def keep_previous(path: str | os.PathLike) -> Path | None:
+    """Keep the checkpoint at ``path`` as ``previous_path(path)`` before a save whose weights have not been through a
+    forward pass replaces it (the final or stop-time save; a diverging last step can leave huge but finite weights).
+    A hard link under a temporary name renamed into place (a copy where the filesystem refuses links): the file at
+    ``path`` stays whole throughout, and the previous one is never torn. None when there is nothing to keep."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    prev = previous_path(path)
+    tmp = prev.with_name(f".{prev.name}.{os.getpid()}.tmp")
+    try:
+        os.link(path, tmp)
+    except OSError:
+        return write_atomic(prev, path.read_bytes())
+    os.replace(tmp, prev)
+    return prev
+
+
 def _numpy_array_globals() -> list:
     """What a plain numpy array needs to unpickle (checkpoints written before RNG states were stored as
     tensors hold numpy's random state as an array); no callable that runs code."""

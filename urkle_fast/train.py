@@ -40,11 +40,12 @@ import torch.nn as nn
 
 from urkle_fast import distributed as udist
 from urkle_fast.checkpoint import (CheckpointError, checkpoint_bytes, claim_folder, load_checkpoint, load_model,
-                                   non_finite_entries, release_folder, remove_stale_temp_files, save_checkpoint, unwrap,
+                                   keep_previous, non_finite_entries, previous_path, release_folder, remove_stale_temp_files,
+                                   save_checkpoint, unwrap,
                                    write_text_atomic)
 from urkle_fast.cli import config_from, flag as _flag, given_fields, opt, parser_for
 from urkle_fast.data import INFO, BadImageError, DataRootError, InMemoryDataset, LazyViews, load_dataset, num_classes_of
-from urkle_fast.data.loader import forever, make_train_loader, resolve_loader
+from urkle_fast.data.loader import TorchMultiView, forever, make_train_loader, resolve_loader
 from urkle_fast.data.datasets import balanced_subset, subset_order
 from urkle_fast.defaults import DATASETS, defaults_for, help_for
 from urkle_fast.methods import METHODS, LossParams, Method, get_method
@@ -501,9 +502,20 @@ def _model(cfg: TrainConfig, ctx: udist.DistContext, sync_bn: bool) -> nn.Module
 def setup(cfg: TrainConfig) -> Run:
     """Data, model, optimiser, schedule, loader and log of a run, restored from its checkpoint when
     resuming. Under torchrun the process group must exist already (main() starts it). Rank 0 holds the
-    --out-dir's lock from here until train() ends (``run.lock``)."""
+    --out-dir's lock from here until train() ends (``run.lock``); when it is held, every rank is refused at once."""
     validate(cfg)
-    lock = claim_folder(cfg.out_dir) if udist.rank() == 0 else None  # before anything there is read or written
+    lock = refused = None
+    if udist.rank() == 0:
+        try:
+            lock = claim_folder(cfg.out_dir)  # before anything there is read or written
+        except ValueError as exc:
+            refused = str(exc)
+    # every rank learns rank 0's answer and stops with its message: torchrun's agent would end them once rank 0
+    # exits, but a launcher that starts each process itself (srun) would leave them waiting --dist-timeout in the
+    # first collective that rank 0 never joins
+    refused = udist.gather_objects(refused)[0]
+    if refused:
+        raise ValueError(refused)
     try:
         run = _setup(cfg)
     except BaseException:
@@ -586,7 +598,7 @@ def _setup(cfg: TrainConfig) -> Run:
             Path(cfg.resume).resolve() != (out_dir / "checkpoint.pt").resolve()
         if resume is None or foreign:  # a fresh start (--overwrite, a requeued job that never saved) or another
             # run's checkpoint continued here (refused by _load_resume unless the folder was empty or --overwrite)
-            for name in ("checkpoint.pt", "metrics.jsonl", "curves.png", "skipped_images.tsv"):
+            for name in ("checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", "curves.png", "skipped_images.tsv"):
                 (out_dir / name).unlink(missing_ok=True)
         remove_stale_temp_files(out_dir)  # left by writes that a kill -9 interrupted
         write_text_atomic(out_dir / "config.json", json.dumps(asdict(cfg), indent=2))
@@ -643,6 +655,10 @@ def save(run: Run, loss: Optional[float], *, deferred: bool = False) -> Path:
         if deferred:
             run.pending = (run.step, snapshot)
         else:
+            if run.step > run.saved_step:
+                # these weights have not been through a forward pass yet; the one on disk has (a periodic checkpoint
+                # is written only after its next step's loss came out finite, a resumed one by this run's first step)
+                keep_previous(run.ckpt_path)
             save_checkpoint(snapshot, run.ckpt_path)
     if not deferred:
         udist.barrier()
@@ -775,13 +791,38 @@ def _finished(cfg: TrainConfig, note: str) -> dict:
             "model": load_model(path)[0], "finished": True}
 
 
-def _save_on_error(run: Run, loss: Optional[float]) -> None:
+@dataclasses.dataclass
+class _StepStart:
+    """What a step changes before its optimiser step, as it was when the step began (after its batch was fetched):
+    an error inside the step rolls these back, so that the error-time checkpoint is the last completed step."""
+    step: int
+    rng: dict
+    buffers: dict  # batch-norm running statistics and counters (the step's forward updates them)
+    updating: bool = False  # the optimiser step has begun: the weights may be half updated
+
+    @classmethod
+    def of(cls, run: Run) -> Optional["_StepStart"]:
+        if run.ctx.world_size > 1:  # error-time saves are single-process (_save_on_error)
+            return None
+        return cls(run.step, rng_state(), {k: b.detach().clone() for k, b in unwrap(run.model).named_buffers()})
+
+    @torch.no_grad()
+    def restore(self, run: Run) -> None:
+        set_rng_state(self.rng)
+        for k, b in unwrap(run.model).named_buffers():
+            b.copy_(self.buffers[k])
+
+
+def _save_on_error(run: Run, loss: Optional[float], start: Optional[_StepStart] = None) -> None:
     """An unexpected error in the loop: keep the last completed step. A periodic snapshot taken at this very
-    step is the consistent one (the failed step may have touched batch-norm statistics and random
-    states), written by a single process. Under torchrun nothing is written: the error may be a peer that
-    stopped on NaN / inf in this very step (its checks are its own), so the snapshot's weights may be the
-    diverged ones; the last checkpoint written stays. Otherwise, one process only (a collective save cannot
-    run when one rank has failed), the state as it is."""
+    step is the consistent one, written by a single process. Under torchrun nothing is written: the error may
+    be a peer that stopped on NaN / inf in this very step (its checks are its own), so the snapshot's weights may
+    be the diverged ones; the last checkpoint written stays. Otherwise, one process only (a collective save cannot
+    run when one rank has failed): an error inside a step (``start``) first rolls back what that step had touched
+    (random states, batch-norm statistics; the weights and the optimiser change only in its optimiser step, and an
+    error there keeps the last checkpoint), so the resumed run redoes it exactly. The torch loader resumes at the
+    step's batch by itself; DALI's position cannot be rewound past a fetched batch, so there the last checkpoint
+    written stays."""
     if run.ctx.world_size > 1:
         return
     if run.pending is not None and run.pending[0] == run.step and run.ctx.is_main:
@@ -794,6 +835,18 @@ def _save_on_error(run: Run, loss: Optional[float]) -> None:
         return
     if run.step <= run.saved_step:
         return
+    if start is not None and start.step == run.step:  # the error came inside this step
+        if start.updating:
+            print(f"error in the optimiser step of step {run.step}: the weights may be half updated, so the last "
+                  f"checkpoint stays ({run.ckpt_path if run.ckpt_path.exists() else 'none was written yet'}, step "
+                  f"{run.saved_step}); fix the cause and continue with --resume", file=sys.stderr)
+            return
+        if not isinstance(run.loader, TorchMultiView):
+            print(f"error in step {run.step}: DALI's loader cannot be rewound to that step's batch, so the last "
+                  f"checkpoint stays ({run.ckpt_path if run.ckpt_path.exists() else 'none was written yet'}, step "
+                  f"{run.saved_step}); fix the cause and continue with --resume", file=sys.stderr)
+            return
+        start.restore(run)
     try:
         path = save(run, loss)
         print(f"error at step {run.step}: saved the last completed step to {path}; fix the cause and continue "
@@ -843,13 +896,14 @@ def train(cfg: TrainConfig) -> dict:
     except RunFinished as done:
         return _finished(cfg, str(done))
     cfg, hp = run.cfg, LossParams.of(run.cfg)
-    last_loss = first_loss = None
+    last_loss = first_loss = start = None
     stopping = False  # every rank agrees on it (all-reduced with the loss each step)
     run.model.train()
     batches = forever(run.loader) if run.step < run.end_step else iter(())
     with stop_signals() as signalled:
         try:
             for crops, labels in batches:
+                start = _StepStart.of(run)
                 epoch = run.step // run.spe
                 # the robustness term ramps in (urkle_fast.optim.beta_ramp)
                 beta = cfg.beta_robust * beta_ramp(run.step, cfg.beta_warmup_epochs * run.spe)
@@ -863,9 +917,15 @@ def train(cfg: TrainConfig) -> dict:
                         f"loss is {last_loss:.4g} at step {run.step} (epoch {epoch}) of {cfg.method} on {cfg.dataset}"
                         f" (the first step's: {first_loss:.4g}); "
                         f"stopped before the optimiser step. The last good checkpoint is left as it was: "
-                        f"{run.ckpt_path if run.ckpt_path.exists() else 'none was written yet'}. Lower --base-lr "
-                        f"or --beta-robust, or raise --sigma-min")
+                        f"{run.ckpt_path if run.ckpt_path.exists() else 'none was written yet'}"
+                        + (f"; this run resumed from it, and if it was a final or stop-time save (weights not yet "
+                           f"through a forward pass) the one before it is kept: continue from that one in a new "
+                           f"folder with --resume {previous_path(run.ckpt_path)} --out-dir <new folder>"
+                           if cfg.resume and previous_path(run.ckpt_path).exists() else "")
+                        + ". Lower --base-lr or --beta-robust, or raise --sigma-min")
                 write_pending(run)  # the weights of the last periodic checkpoint gave a finite loss
+                if start is not None:
+                    start.updating = True
                 run.optimizer.step()
                 run.scheduler.step()
                 run.step += 1
@@ -879,7 +939,7 @@ def train(cfg: TrainConfig) -> dict:
         except NonFiniteLossError:
             raise  # the model may be bad: the last good checkpoint stays
         except Exception:
-            _save_on_error(run, last_loss)
+            _save_on_error(run, last_loss, start)
             raise
         finally:
             getattr(batches, "close", lambda: None)()  # the loader's decoding workers end here, error or not

@@ -230,6 +230,34 @@ def test_per_image_bits_roundtrip_and_the_fingerprint_names_the_images():
     assert subset_fingerprint(x, y.flip(0)) != f  # the order is part of it (bits pair up by position)
 
 
+def test_the_model_fingerprint_covers_what_the_model_computes_with():
+    """Saved heads and attacks are keyed by it: the same weights under another sigma_min, another pixel scaling
+    (non-persistent buffers, not in the state dict) or another architecture are another model; a rebuild with the
+    same weights is the same one."""
+    from urkle_fast.eval import fingerprint
+    from urkle_fast.models import build_model
+    from urkle_fast.train import TrainConfig, resolve_config
+
+    config = vars(resolve_config(TrainConfig(method="simclr_urkle", dataset="digits")))
+    torch.manual_seed(0)
+    model = build_model(config)
+    f = fingerprint(model)
+
+    def rebuilt(**changes):
+        m = build_model({**config, **changes})
+        m.load_state_dict(model.state_dict())
+        return fingerprint(m)
+
+    assert rebuilt() == f and fingerprint(model.eval()) == f  # content, not identity or mode
+    assert rebuilt(sigma_min=config["sigma_min"] * 2) != f
+    assert rebuilt(variance="exp") != f
+    assert rebuilt(pixel_mean=[m + 0.1 for m in config["pixel_mean"]]) != f
+    assert "normalize.mean" not in model.state_dict()  # why the buffers are hashed on their own
+    with torch.no_grad():
+        model.head.fc.weight[0, 0] += 1e-3
+    assert fingerprint(model) != f
+
+
 def test_square_columns_in_the_table(tmp_path, digits, standard):
     res = evaluate_models({"Standard": (standard, {"method": "standard"})},
                           EvalConfig(dataset="digits", eps=[0.1], out=str(tmp_path), attack_steps=5, apgd_steps=5,

@@ -593,12 +593,26 @@ def _head_file(folder: str, name: str, task: str, budget) -> str:
     return os.path.join(folder, f"{_slug(name)}__{task}__{budget}.pt")
 
 
+def _plain(v) -> bool:
+    """A value whose repr is the same in every process (no object address in it)."""
+    return v is None or isinstance(v, (bool, int, float, str)) or \
+        (isinstance(v, tuple) and all(x is None or isinstance(x, (bool, int, float, str)) for x in v))
+
+
 def fingerprint(model: nn.Module) -> str:
-    """sha1 of the model's weights: a saved head is reused only on the representation it was trained on."""
+    """sha1 of what the model computes with: its weights and persistent buffers (the state dict), its non-persistent
+    buffers (pixel mean / std, which a checkpoint does not hold but a config sets), and every module's type and
+    plain attributes (sigma_min, the variance map, strides, epsilons). A saved head, and a saved attack, is reused
+    only on the representation it was made on: the same weights under another config are another model."""
     h = hashlib.sha1()
-    for k, v in sorted(model.state_dict().items()):
+    state = model.state_dict()
+    tensors = {**{f"buffer:{k}": v for k, v in model.named_buffers() if k not in state}, **state}
+    for k, v in sorted(tensors.items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for name, m in model.named_modules():  # registration order: part of the architecture
+        attrs = sorted((a, v) for a, v in vars(m).items() if not a.startswith("_") and a != "training" and _plain(v))
+        h.update(f"{name}:{type(m).__qualname__}:{attrs!r}".encode())
     return h.hexdigest()
 
 

@@ -6,6 +6,8 @@
 #   SEEDS=0 OUT=runs/seed0 scripts/cifar10_cpu_study.sh   # one seed (its own OUT: it reports into OUT/report)
 #   PHASE=train SEEDS=0 scripts/cifar10_cpu_study.sh   # only the trainings (PHASE=select / eval / report: one stage)
 #   METHODS=urkle OUT=runs/urkle scripts/cifar10_cpu_study.sh  # some methods only (the others' rows are "not run")
+#   PRIOR=results/cifar10_cpu/summary.json PRIOR_METHODS="rocl simclr trades at standard" PHASE=report \
+#     scripts/cifar10_cpu_study.sh   # the report, with the cells OUT lacks (a lost folder) from the committed one
 #
 # Stages, per seed:
 #   train   every model on the same budget: the first TRAIN_SUBSET images of the trainer's fixed shuffle,
@@ -43,6 +45,8 @@ PHASE=${PHASE:-all}
 SEEDS=${SEEDS:-"0 1"}
 ALL_METHODS="urkle rocl simclr trades at standard"
 METHODS=${METHODS:-$ALL_METHODS}         # the methods whose steps run (urkle: SimCLR+Urkle's trainings, choice and rows)
+PRIOR=${PRIOR:-}                         # an earlier report's summary.json: fills the cells OUT lacks (report --prior)
+PRIOR_METHODS=${PRIOR_METHODS:-"simclr_urkle rocl simclr trades at standard"}  # the methods PRIOR may fill
 LANES=${LANES:-2}
 TRAIN_SUBSET=${TRAIN_SUBSET:-8000}
 EPOCHS=${EPOCHS:-4}
@@ -71,10 +75,10 @@ for m in $METHODS; do
 done
 [ -n "${METHODS// }" ] || { echo "METHODS: at least one of $ALL_METHODS" >&2; exit 2; }
 # a study of some methods or one seed must not rewrite the committed report of the whole study ("not run" rows)
-if [ "$REPORT" = results/cifar10_cpu ] && [ "${PHASE:-all}" != train ] && [ "${PHASE:-all}" != select ] &&
-   [ "${PHASE:-all}" != eval ] && { [ "$(echo $METHODS)" != "$ALL_METHODS" ] || [ "$(echo $SEEDS)" != "0 1" ]; }; then
+if [ "$REPORT" = results/cifar10_cpu ] && [ -z "$PRIOR" ] && [ "$PHASE" != train ] && [ "$PHASE" != select ] &&
+   [ "$PHASE" != eval ] && { [ "$(echo $METHODS)" != "$ALL_METHODS" ] || [ "$(echo $SEEDS)" != "0 1" ]; }; then
   echo "METHODS=\"$METHODS\" SEEDS=\"$SEEDS\" would report into results/cifar10_cpu, the committed report of" \
-    "every method and seeds 0 1: set OUT or REPORT" >&2; exit 2
+    "every method and seeds 0 1: set OUT or REPORT (or PRIOR, to fill the rest from an earlier report)" >&2; exit 2
 fi
 case "$PHASE" in all|train|select|eval|report) ;;
   *) echo "PHASE must be all, train, select, eval or report, got '$PHASE'" >&2; exit 2 ;; esac
@@ -285,7 +289,8 @@ case "$PHASE" in
 esac
 
 if [ "$PHASE" = all ] || [ "$PHASE" = report ]; then
-  "$PY" scripts/cifar10_study_report.py "$OUT" --seeds $SEEDS --budgets $BUDGETS --out "$REPORT"
+  "$PY" scripts/cifar10_study_report.py "$OUT" --seeds $SEEDS --budgets $BUDGETS --out "$REPORT" \
+    ${PRIOR:+--prior "$PRIOR" --prior-methods $PRIOR_METHODS}
 fi
 cat "$OUT/times.tsv"
 [ "$FAILED" = 0 ] || { echo "some steps failed: see the messages above and $OUT/logs/" >&2; exit 1; }

@@ -130,6 +130,38 @@ def collect(out: Path, seeds: list[int], budgets: list[str]) -> dict:
                 tasks=_tasks(out, seeds), times=_times(out), speed=_speed(out, seeds))
 
 
+def fill_from_prior(summary: dict, prior: dict, methods, source: str) -> int:
+    """Fill the cells the study folder lacks from an earlier report's summary (``prior``), for ``methods`` only:
+    a machine that lost the study's folder keeps what its committed report measured, and a method whose earlier
+    numbers a correction superseded is left out of ``methods`` so that its cells say what is missing instead.
+    Rows, task rows, and (with simclr_urkle) the beta choice and Proposition 1 of seeds the study lacks; each
+    filled entry carries prior=True (the table marks it). Pairing survives where that report kept per-image bits.
+    Returns how many table rows were filled."""
+    methods = set(methods)
+    old = {(r["seed"], r["method"], r["budget"]): r for r in prior.get("rows", []) if "missing" not in r}
+    filled = 0
+    for i, r in enumerate(summary["rows"]):
+        p = old.get((r["seed"], r["method"], r["budget"]))
+        if "missing" in r and r["method"] in methods and p is not None:
+            summary["rows"][i] = dict(p, prior=True)
+            filled += 1
+    seeds = {r["seed"] for r in summary["rows"]}
+    method_of = {v: k for k, v in NAME.items()}
+    have = {(t["seed"], t["name"], t["task"]) for t in summary["tasks"]}
+    summary["tasks"] += [dict(t, prior=True) for t in prior.get("tasks", [])
+                         if t["seed"] in seeds and method_of.get(t["name"]) in methods
+                         and (t["seed"], t["name"], t["task"]) not in have]
+    if "simclr_urkle" in methods:
+        for key in ("select", "bound"):
+            done = {e["seed"] for e in summary[key]}
+            summary[key] += [dict(e, prior=True) for e in prior.get(key, []) if e["seed"] in seeds - done]
+    if not summary["settings"]:
+        summary["settings"] = prior.get("settings", {})
+    if filled or any(e.get("prior") for k in ("tasks", "select", "bound") for e in summary[k]):
+        summary["prior"] = dict(source=source, methods=sorted(methods))
+    return filled
+
+
 def _settings(out: Path, seeds) -> dict:
     for s in seeds:
         for d in sorted(out.glob(f"eval_*_s{s}")):
@@ -367,7 +399,7 @@ def markdown(summary: dict, budgets: list[str]) -> str:
         paper = " / ".join(f"{v:.2f}" for v in PAPER[r["name"]]) if r["name"] in PAPER and r["budget"] == "all" \
             else ("not quoted in docs/PROTOCOL.md" if r["budget"] == "all" else "")
         label = r["name"] + (f" (beta {r['config']['beta_robust']:g}, S = {s.get('samples')})"
-                             if r["method"] == "simclr_urkle" and "config" in r else "")
+                             if r["method"] == "simclr_urkle" and "config" in r else "") + (" †" if r.get("prior") else "")
         if "missing" in r:
             lines.append(f"| {label} | {r['seed']} | {r['budget']} | {r['missing']} | — | — | {paper} |")
             continue
@@ -376,8 +408,14 @@ def markdown(summary: dict, budgets: list[str]) -> str:
                      + " | ".join(_fmt(h["worst"][e], h["worst_ci"][e]) for e in EPS) + f" | {paper} |")
         if "z_mu" in r:
             z = r["z_mu"]
-            lines.append(f"| {r['name']} (z = mu) | {r['seed']} | {r['budget']} | {_fmt(z['clean'], z['clean_ci'])} | "
+            lines.append(f"| {r['name']} (z = mu){' †' if r.get('prior') else ''} | {r['seed']} | {r['budget']} | "
+                         f"{_fmt(z['clean'], z['clean_ci'])} | "
                          + " | ".join(_fmt(z["worst"][e], z["worst_ci"][e]) for e in EPS) + " | |")
+    if summary.get("prior"):
+        pr = summary["prior"]
+        lines += ["", f"† from {pr['source']}, an earlier report of this study (methods {', '.join(pr['methods'])}): "
+                      f"measured by a run whose folder is not here. Compared paired where that report kept per-image "
+                      f"results, else unpaired."]
     # the paper's claim is about every label budget: the gap widens at 16/255 and with fewer labels
     lines += ["", "## Ordering of the representations (worst case, per seed and label budget)", ""]
     for seed in sorted({r["seed"] for r in rows}):
@@ -403,7 +441,7 @@ def markdown(summary: dict, budgets: list[str]) -> str:
                   "| seed | beta | n | S = 10 clean | S = 10 worst 8/255 | z = mu worst 8/255 | chosen |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in summary["select"]:
-            lines.append(f"| {r['seed']} | {r['beta']} | {r['n']} | {_fmt(r['samples']['clean'], r['samples']['clean_ci'])}"
+            lines.append(f"| {r['seed']}{' †' if r.get('prior') else ''} | {r['beta']} | {r['n']} | {_fmt(r['samples']['clean'], r['samples']['clean_ci'])}"
                          f" | {_fmt(r['samples']['worst'][EPS[0]], r['samples']['worst_ci'][EPS[0]])} | "
                          f"{_fmt(r['z_mu']['worst'][EPS[0]], r['z_mu']['worst_ci'][EPS[0]])} | "
                          f"{'yes' if r['chosen'] else ''} |")
@@ -412,7 +450,7 @@ def markdown(summary: dict, budgets: list[str]) -> str:
                   "| seed | eps | M | term1 | term2 (max KL) | RHS | LHS | holds | vacuous | violations / pairs |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for b in summary["bound"]:
-            lines.append(f"| {b['seed']} | {_eps_label(str(b['eps']))} | {b['M']:g} | {b['term1']:.3f} | "
+            lines.append(f"| {b['seed']}{' †' if b.get('prior') else ''} | {_eps_label(str(b['eps']))} | {b['M']:g} | {b['term1']:.3f} | "
                          f"{b['term2']:.3f} | {b['rhs']:.3f} | {b['lhs']:.3f} | {b['holds']} | {b['vacuous']} | "
                          f"{b['violations']} / {b['checked_pairs']} |")
     tasks = [t for t in summary["tasks"] if t["task"] == "animal_vehicle"]  # the class task is the headline row
@@ -430,7 +468,7 @@ def markdown(summary: dict, budgets: list[str]) -> str:
                       and r["budget"] == "all" and "headline" in r), None)
             cls = (["not evaluated yet"] + ["—"] * len(EPS) if c is None else
                    [_fmt(c["clean"], c["clean_ci"])] + [_fmt(c["worst"][e], c["worst_ci"][e]) for e in EPS])
-            lines.append(f"| {t['name']} | {t['seed']} | " + " | ".join(cls) + f" | {_fmt(h['clean'], h['clean_ci'])} | "
+            lines.append(f"| {t['name']}{' †' if t.get('prior') else ''} | {t['seed']} | " + " | ".join(cls) + f" | {_fmt(h['clean'], h['clean_ci'])} | "
                          + " | ".join(_fmt(h["worst"][e], h["worst_ci"][e]) for e in EPS) + " |")
         lines.append("")
         for seed in sorted({t["seed"] for t in tasks}):
@@ -532,21 +570,35 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--budgets", nargs="+", default=["all", "5000", "1000"])
     p.add_argument("--out", required=True, help="folder for table.md, summary.json and the plots")
+    p.add_argument("--prior", help="an earlier report's summary.json: the cells this study folder lacks are filled "
+                                   "from it (marked †), for --prior-methods only")
+    p.add_argument("--prior-methods", nargs="+", default=list(REPRESENTATION + SUPERVISED),
+                   choices=REPRESENTATION + SUPERVISED, metavar="METHOD",
+                   help=f"the methods whose cells --prior may fill (default: all of {', '.join(REPRESENTATION + SUPERVISED)});"
+                        f" leave out one whose earlier numbers a correction has superseded")
     a = p.parse_args(argv)
     out = Path(a.study)
     if not out.is_dir():
         print(f"error: {a.study} is not a folder (the study's OUT)", file=sys.stderr)
         return 2
+    prior = None
+    if a.prior:
+        try:
+            prior = json.loads(Path(a.prior).read_text())
+            assert isinstance(prior, dict) and isinstance(prior.get("rows"), list)
+        except (OSError, ValueError, AssertionError) as exc:
+            print(f"error: --prior {a.prior}: not a report's summary.json ({exc or 'no rows'})", file=sys.stderr)
+            return 2
     summary = collect(out, a.seeds, a.budgets)
+    if prior is not None:
+        n = fill_from_prior(summary, prior, a.prior_methods, a.prior)
+        print(f"--prior: {n} row(s) filled from {a.prior}", file=sys.stderr)
     os.makedirs(a.out, exist_ok=True)
     for r in summary["rows"]:
         r.pop("folder", None)
-    # the per-image bits are in the study's results.json files; the committed summary stays small
+    # the summary keeps the per-image bits (a few hundred bytes a cell): a later report given it as --prior can
+    # still pair its rows with new ones after the study's folder is gone
     table = markdown(summary, a.budgets)
-    for r in summary["rows"] + summary["tasks"]:
-        for cell in (r.get("headline"), r.get("z_mu")):
-            if cell and cell.pop("paired", None) is not None:
-                cell["per_image"] = True
     Path(a.out, "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     Path(a.out, "table.md").write_text(table)
     plot(summary, os.path.join(a.out, "accuracy_vs_eps.png"))

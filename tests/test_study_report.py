@@ -158,8 +158,7 @@ def test_ordering_uses_the_paired_difference_when_both_kept_per_image_results(tm
         assert rep.main([str(out), "--seeds", "0", "--budgets", "all", "--out", str(out / "r")]) == 0
         table = (out / "r" / "table.md").read_text()
         assert f"seed 0, labels all, 8/255: {expect}" in table, table
-        summary = (out / "r" / "summary.json").read_text()
-        assert "ok_bits" not in summary and "bits" not in summary  # the committed summary stays small
+        assert '"bits"' in (out / "r" / "summary.json").read_text()  # kept: a later --prior can still pair
     # the helper against eval's own packing, and the interval by hand: 40.5 vs 0.5 of 2002 (Agresti-Min)
     assert rep._unpack(ok_bits(urkle[:13]), 13) == unpack_ok(ok_bits(urkle[:13]), 13).tolist()
     d, lo, hi, a, b = rep.paired_difference(urkle.tolist(), rocl.tolist())
@@ -171,6 +170,59 @@ def test_ordering_uses_the_paired_difference_when_both_kept_per_image_results(tm
     d, lo, hi, _, _ = rep.paired_difference([True] * 3, [False] * 3)  # few images: the interval stays in [-1, 1]
     assert d == 1.0 and 0 < lo < 1 and hi == 1.0
 
+    # the summary keeps the bits: with RoCL's folder gone, a report given it as --prior still pairs RoCL's row
+    import shutil
+
+    shutil.rmtree(out / "eval_rocl_s0")
+    assert rep.main([str(out), "--seeds", "0", "--budgets", "all", "--out", str(out / "r2"),
+                     "--prior", str(out / "r" / "summary.json")]) == 0
+    assert "seed 0, labels all, 8/255: SimCLR+Urkle ≈ RoCL (unpaired: +2.0 [-0.1, +4.1] points)" in \
+        (out / "r2" / "table.md").read_text()  # this fingerprint was another subset's: unpaired, as before
+    out = tmp_path / "f"
+    shutil.rmtree(out / "eval_rocl_s0")
+    assert rep.main([str(out), "--seeds", "0", "--budgets", "all", "--out", str(out / "r2"),
+                     "--prior", str(out / "r" / "summary.json")]) == 0
+    assert "SimCLR+Urkle > RoCL (paired, same 2000 images: +2.0 [+1.4, +2.6] points" in \
+        (out / "r2" / "table.md").read_text()
+
+
+def test_prior_fills_the_cells_a_lost_study_folder_held_for_the_methods_named(study, tmp_path, capsys):
+    """A machine that lost part of the study's folder: --prior (the committed summary) fills those cells, marked
+    †, and the ordering still reads them; a method left out of --prior-methods (its earlier numbers superseded)
+    says what is missing instead. A file that is not a summary is refused."""
+    import shutil
+
+    rep = _report()
+    args = [str(study), "--seeds", "0", "--budgets", "all", "5000"]
+    assert rep.main(args + ["--out", str(tmp_path / "before")]) == 0
+    before = tmp_path / "before" / "summary.json"
+    for d in ("eval_rocl_s0", "eval_urkle_b0.01_s0", "select_b0.003_s0", "select_b0.01_s0", "select_s0",
+              "tasks_rocl_s0"):
+        shutil.rmtree(study / d)
+    assert rep.main(args + ["--out", str(tmp_path / "lost")]) == 0
+    lost = json.loads((tmp_path / "lost" / "summary.json").read_text())
+    assert sum("missing" in r for r in lost["rows"]) == 5 + 3 and not lost["select"] and not lost["tasks"]
+
+    assert rep.main(args + ["--out", str(tmp_path / "r"), "--prior", str(before)]) == 0
+    assert "--prior: 3 row(s) filled" in capsys.readouterr().err  # RoCL all; SimCLR+Urkle all, 5000 (its choice)
+    table = (tmp_path / "r" / "table.md").read_text()
+    rows = {(r["name"], r["seed"], r["budget"]): r for r in json.loads((tmp_path / "r" / "summary.json").read_text())["rows"]}
+    assert rows[("RoCL", 0, "all")]["prior"] and rows[("RoCL", 0, "all")]["headline"]["worst"][E8] == 0.20
+    assert "prior" not in rows[("SimCLR", 0, "all")] and rows[("Standard", 0, "5000")]["missing"]
+    assert "| RoCL † | 0 | all |" in table and "| SimCLR+Urkle (beta 0.01, S = 10) † | 0 | all |" in table
+    assert f"† from {before}, an earlier report" in table
+    assert "seed 0, labels all, 8/255: SimCLR+Urkle > RoCL (unpaired: +10.0 [+7.2, +12.8] points)" in table
+    assert "| 0 † | 0.01 | 2000 |" in table and "| RoCL † | 0 | 60.0" in table  # the choice and the task too
+
+    # SimCLR+Urkle's earlier numbers superseded: its cells say what is missing, RoCL's come back
+    assert rep.main(args + ["--out", str(tmp_path / "r3"), "--prior", str(before), "--prior-methods", "rocl"]) == 0
+    rows = {(r["name"], r["seed"], r["budget"]): r for r in json.loads((tmp_path / "r3" / "summary.json").read_text())["rows"]}
+    assert rows[("SimCLR+Urkle", 0, "all")]["missing"] == "the held-out beta choice has not run"
+    assert rows[("RoCL", 0, "all")]["prior"] and "| 0 † | 0.01" not in (tmp_path / "r3" / "table.md").read_text()
+
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert rep.main(args + ["--out", str(tmp_path / "r4"), "--prior", str(tmp_path / "bad.json")]) == 2
+    assert "--prior" in capsys.readouterr().err and not (tmp_path / "r4").exists()
 
 def test_ordering_says_so_when_a_model_was_not_evaluated_at_an_eps():
     rep = _report()

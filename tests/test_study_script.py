@@ -173,3 +173,13 @@ def test_methods_runs_only_the_named_methods_steps(tmp_path):
     r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
                        env={**{k: v for k, v in env.items() if k not in ("OUT", "METHODS")}, "SEEDS": "0"})
     assert r.returncode == 2 and "would report into results/cifar10_cpu" in r.stderr
+    # with PRIOR the committed report may be rebuilt from a partial study: the cells it lacks come from PRIOR
+    r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60,
+                       env={**env, "REPORT": "results/cifar10_cpu", "METHODS": "urkle", "PHASE": "report"})
+    assert r.returncode == 2 and "(or PRIOR, to fill the rest" in r.stderr
+    r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60,
+                       env={**env, "REPORT": "results/cifar10_cpu", "METHODS": "urkle", "PHASE": "report",
+                            "PRIOR": "results/cifar10_cpu/summary.json", "PRIOR_METHODS": "rocl simclr"})
+    assert r.returncode == 0, r.stderr
+    assert ("--out results/cifar10_cpu --prior results/cifar10_cpu/summary.json --prior-methods rocl simclr"
+            in r.stdout), r.stdout

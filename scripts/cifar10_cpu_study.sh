@@ -33,6 +33,9 @@
 # finished (times.tsv), a step runs in one process at a time (a lock per step), and a failed step is reported
 # while the others go on (the script then exits 1). Nothing is overwritten.
 # Logs: $OUT/logs/ (appended on every resume); wall times (s) and exit status: $OUT/times.tsv.
+# The whole script is one { ... } group: bash reads and parses it before running any of it, so editing this file
+# while a study runs (hours) cannot change what the running study executes next.
+{
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -70,18 +73,31 @@ for b in $BUDGETS; do  # a budget below one batch would give its supervised mode
   [ "$b" = all ] || [ "$b" -ge "$BATCH" ] 2>/dev/null || {
     echo "BUDGETS: each one 'all' or a label count >= $BATCH (one batch), got '$b'" >&2; exit 2; }
 done
+case "$PHASE" in all|train|select|eval|report) ;;
+  *) echo "PHASE must be all, train, select, eval or report, got '$PHASE'" >&2; exit 2 ;; esac
+words() { tr -s ' \t' '\n' <<< "$1" | grep -v '^$' | sort | tr '\n' ' '; }  # a list, order and spacing aside
 for m in $METHODS; do
   [[ " $ALL_METHODS " == *" $m "* ]] || { echo "METHODS: each one of $ALL_METHODS, got '$m'" >&2; exit 2; }
 done
 [ -n "${METHODS// }" ] || { echo "METHODS: at least one of $ALL_METHODS" >&2; exit 2; }
-# a study of some methods or one seed must not rewrite the committed report of the whole study ("not run" rows)
-if [ "$REPORT" = results/cifar10_cpu ] && [ -z "$PRIOR" ] && [ "$PHASE" != train ] && [ "$PHASE" != select ] &&
-   [ "$PHASE" != eval ] && { [ "$(echo $METHODS)" != "$ALL_METHODS" ] || [ "$(echo $SEEDS)" != "0 1" ]; }; then
-  echo "METHODS=\"$METHODS\" SEEDS=\"$SEEDS\" would report into results/cifar10_cpu, the committed report of" \
-    "every method and seeds 0 1: set OUT or REPORT (or PRIOR, to fill the rest from an earlier report)" >&2; exit 2
+REPORT_METHODS="simclr_urkle rocl simclr trades at standard"  # the report's names (urkle is simclr_urkle there)
+for m in $PRIOR_METHODS; do
+  [[ " $REPORT_METHODS " == *" $m "* ]] || {
+    echo "PRIOR_METHODS: each one of $REPORT_METHODS (the report's names), got '$m'" >&2; exit 2; }
+done
+writes_report() { [ "$PHASE" = all ] || [ "$PHASE" = report ]; }
+if writes_report && [ -n "$PRIOR" ] && [ ! -f "$PRIOR" ]; then
+  echo "PRIOR: no such file '$PRIOR' (an earlier report's summary.json)" >&2; exit 2
 fi
-case "$PHASE" in all|train|select|eval|report) ;;
-  *) echo "PHASE must be all, train, select, eval or report, got '$PHASE'" >&2; exit 2 ;; esac
+# the committed report is of every method, seeds 0 and 1 and every label budget: a partial study must not rewrite it
+# with "not run" rows (some methods may come from PRIOR, an earlier report; seeds and budgets may not)
+if writes_report && [ "$(realpath -m "$REPORT")" = "$(realpath -m results/cifar10_cpu)" ] &&
+   { { [ -z "$PRIOR" ] && [ "$(words "$METHODS")" != "$(words "$ALL_METHODS")" ]; } ||
+     [ "$(words "$SEEDS")" != "$(words "0 1")" ] || [ "$(words "$BUDGETS")" != "$(words "all 5000 1000")" ]; }; then
+  echo "METHODS=\"$METHODS\" SEEDS=\"$SEEDS\" BUDGETS=\"$BUDGETS\" would report into results/cifar10_cpu, the committed" \
+    "report of every method, seeds 0 1 and budgets all 5000 1000: set OUT or REPORT (or, for some methods, PRIOR to" \
+    "fill the rest from an earlier report)" >&2; exit 2
+fi
 mkdir -p "$OUT/logs"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 touch "$OUT/times.tsv"
@@ -294,3 +310,5 @@ if [ "$PHASE" = all ] || [ "$PHASE" = report ]; then
 fi
 cat "$OUT/times.tsv"
 [ "$FAILED" = 0 ] || { echo "some steps failed: see the messages above and $OUT/logs/" >&2; exit 1; }
+exit 0
+}

@@ -5,9 +5,10 @@ animal-vs-vehicle task, training speed, wall times, and accuracy against eps as 
 
     python scripts/cifar10_study_report.py runs/cifar10_cpu --seeds 0 1 --out results/cifar10_cpu
 
-Reads only the study's results.json files; a cell whose evaluation has not run says so. Writes table.md,
-summary.json (small: committed), accuracy_vs_eps.png and (with more than one label budget) worst_vs_labels.png
-into --out."""
+Reads the study's results.json files, and with --prior an earlier report's summary.json for the cells the study
+folder lacks (marked †; its evaluation settings must match); a cell that has neither says why. Writes table.md,
+summary.json (committed; with the per-image bits, a few hundred bytes a cell, so that a later --prior can still
+pair), accuracy_vs_eps.png and (with more than one label budget) worst_vs_labels.png into --out."""
 
 from __future__ import annotations
 
@@ -138,6 +139,11 @@ def fill_from_prior(summary: dict, prior: dict, methods, source: str) -> int:
     filled entry carries prior=True (the table marks it). Pairing survives where that report kept per-image bits.
     Returns how many table rows were filled."""
     methods = set(methods)
+    mine, theirs = summary["settings"], prior.get("settings", {})
+    differ = sorted(k for k in set(mine) & set(theirs) if mine[k] is not None and theirs[k] is not None
+                    and mine[k] != theirs[k])
+    if differ:  # cells of two evaluation protocols in one table would read as one
+        raise ValueError(f"the evaluations differ in {', '.join(f'{k} ({mine[k]!r} here, {theirs[k]!r} there)' for k in differ)}")
     old = {(r["seed"], r["method"], r["budget"]): r for r in prior.get("rows", []) if "missing" not in r}
     filled = 0
     for i, r in enumerate(summary["rows"]):
@@ -591,7 +597,11 @@ def main(argv=None) -> int:
             return 2
     summary = collect(out, a.seeds, a.budgets)
     if prior is not None:
-        n = fill_from_prior(summary, prior, a.prior_methods, a.prior)
+        try:
+            n = fill_from_prior(summary, prior, a.prior_methods, a.prior)
+        except ValueError as exc:
+            print(f"error: --prior {a.prior}: {exc}", file=sys.stderr)
+            return 2
         print(f"--prior: {n} row(s) filled from {a.prior}", file=sys.stderr)
     os.makedirs(a.out, exist_ok=True)
     for r in summary["rows"]:

@@ -192,6 +192,18 @@ def test_under_torchrun_an_error_never_writes_the_unchecked_periodic_snapshot(tm
         else:
             assert run.pending is not None
     assert "saved the checkpoint of that step" in capsys.readouterr().err
+    # the error-time write of an unchecked snapshot keeps the checkpoint it replaces; a checked one (the loop's, once
+    # the next step's loss was finite) makes that backup obsolete and removes it
+    from urkle_fast.train import write_pending
+
+    path = tmp_path / "world1" / "checkpoint.pt"
+    prev = tmp_path / "world1" / "checkpoint.prev.pt"
+    run = SimpleNamespace(ckpt_path=path, pending=(7, b"the snapshot of step 7"), saved_step=5)
+    write_pending(run, checked=False)
+    assert prev.read_bytes() == b"the snapshot of step 5" and path.read_bytes() == b"the snapshot of step 7"
+    run.pending = (9, b"the snapshot of step 9")
+    write_pending(run)
+    assert not prev.exists() and path.read_bytes() == b"the snapshot of step 9" and run.saved_step == 9
 
 
 def test_an_error_inside_a_step_that_cannot_be_rolled_back_keeps_the_last_checkpoint(tmp_path, capsys):
@@ -229,6 +241,11 @@ def test_a_second_run_on_a_running_runs_out_dir_is_refused(tmp_path, capsys):
         assert f"--out-dir {str(run)!r} is in use by another run (pid {os.getpid()} on " in err, extra
         assert sorted(p.name for p in run.iterdir()) == [".run.lock", "metrics.jsonl"]
     release_folder(first)
+    (run / ".run.lock").unlink()
+    (run / ".run.lock").mkdir()  # a lock file that cannot be opened: refused with the reason, nothing touched
+    assert _run(tmp_path, "--max-steps", "1") == 2
+    assert f"--out-dir {str(run)!r}: cannot lock it (IsADirectoryError" in capsys.readouterr().err
+    (run / ".run.lock").rmdir()
     assert _run(tmp_path, "--max-steps", "1", "--resume", "if-exists") == 0
     assert _run(tmp_path, "--max-steps", "2", "--resume") == 0  # train() let go of it at the end
 

@@ -220,6 +220,12 @@ def test_prior_fills_the_cells_a_lost_study_folder_held_for_the_methods_named(st
     assert rows[("SimCLR+Urkle", 0, "all")]["missing"] == "the held-out beta choice has not run"
     assert rows[("RoCL", 0, "all")]["prior"] and "| 0 † | 0.01" not in (tmp_path / "r3" / "table.md").read_text()
 
+    # an earlier report of another evaluation protocol is refused, naming what differs
+    other = json.loads(before.read_text())
+    other["settings"]["square_queries"] = 5000
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert rep.main(args + ["--out", str(tmp_path / "r5"), "--prior", str(tmp_path / "other.json")]) == 2
+    assert "square_queries (1000 here, 5000 there)" in capsys.readouterr().err and not (tmp_path / "r5").exists()
     (tmp_path / "bad.json").write_text("[1, 2]")
     assert rep.main(args + ["--out", str(tmp_path / "r4"), "--prior", str(tmp_path / "bad.json")]) == 2
     assert "--prior" in capsys.readouterr().err and not (tmp_path / "r4").exists()

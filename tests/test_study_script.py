@@ -166,20 +166,26 @@ def test_methods_runs_only_the_named_methods_steps(tmp_path):
         r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60,
                            env={**env, "OUT": str(tmp_path / "t"), "METHODS": methods})
         assert r.returncode == 2 and msg in r.stderr and not (tmp_path / "t").exists()
-    # the default OUT reports into results/cifar10_cpu: a study of some methods must not rewrite it
-    r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
-                       env={**{k: v for k, v in env.items() if k != "OUT"}, "METHODS": "urkle"})
-    assert r.returncode == 2 and "would report into results/cifar10_cpu" in r.stderr
-    r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
-                       env={**{k: v for k, v in env.items() if k not in ("OUT", "METHODS")}, "SEEDS": "0"})
-    assert r.returncode == 2 and "would report into results/cifar10_cpu" in r.stderr
-    # with PRIOR the committed report may be rebuilt from a partial study: the cells it lacks come from PRIOR
-    r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60,
-                       env={**env, "REPORT": "results/cifar10_cpu", "METHODS": "urkle", "PHASE": "report"})
-    assert r.returncode == 2 and "(or PRIOR, to fill the rest" in r.stderr
-    r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60,
-                       env={**env, "REPORT": "results/cifar10_cpu", "METHODS": "urkle", "PHASE": "report",
-                            "PRIOR": "results/cifar10_cpu/summary.json", "PRIOR_METHODS": "rocl simclr"})
-    assert r.returncode == 0, r.stderr
+    # the committed report (results/cifar10_cpu, however it is spelled) is of every method, seeds 0 1 and every
+    # budget: a partial study is refused before any work; with PRIOR some methods may come from an earlier report,
+    # but seeds and budgets may not. The order of a list does not matter. OUT is a temporary folder throughout.
+    full = {**env, "OUT": str(tmp_path / "r"), "PHASE": "report", "REPORT": "results/cifar10_cpu",
+            "SEEDS": "0 1", "BUDGETS": "all 5000 1000", "METHODS": "urkle rocl simclr trades at standard"}
+    prior = {"PRIOR": "results/cifar10_cpu/summary.json"}
+    refused = "would report into results/cifar10_cpu"
+    for change, msg in (({"METHODS": "urkle"}, refused), ({"SEEDS": "0"}, refused), ({"BUDGETS": "all"}, refused),
+                        ({"METHODS": "urkle", "REPORT": "./results/cifar10_cpu/"}, refused),
+                        ({"SEEDS": "0", **prior}, refused),
+                        ({"METHODS": "urkle", "PRIOR": str(tmp_path / "nope.json")}, "PRIOR: no such file"),
+                        ({"METHODS": "urkle", **prior, "PRIOR_METHODS": "urkle"}, "PRIOR_METHODS: each one of"),
+                        ({"METHODS": "urkle", "PHASE": "bogus"}, "PHASE must be")):
+        r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60, env={**full, **change})
+        assert r.returncode == 2 and msg in r.stderr, (change, r.stderr)
+        assert not (tmp_path / "r").exists()
+    for change in ({"SEEDS": " 1  0 ", "METHODS": "standard at trades simclr rocl urkle"},
+                   {"METHODS": "urkle", **prior, "PRIOR_METHODS": "rocl simclr"}):
+        r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60, env={**full, **change})
+        assert r.returncode == 0, (change, r.stderr)
+    # the cells OUT lacks come from PRIOR, for PRIOR_METHODS only
     assert ("--out results/cifar10_cpu --prior results/cifar10_cpu/summary.json --prior-methods rocl simclr"
             in r.stdout), r.stdout

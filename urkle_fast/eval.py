@@ -249,7 +249,9 @@ def _out_conflict(ident: dict, cfg: EvalConfig) -> Optional[str]:
         differ = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k)
                         and not (k not in old and k in defaults and ident.get(k) == defaults[k]))
         if differ:
-            what = ", ".join("the models (names or weights)" if k == "models" else _flag(k) for k in differ)
+            what = ", ".join("the models (names, weights or configuration: pixel scaling, sigma_min, modules' "
+                             "settings; evaluations begun before 5bb0e69 fingerprinted weights only)"
+                             if k == "models" else _flag(k) for k in differ)
             return f"--out {cfg.out!r} holds another evaluation (it differs in {what}): choose another --out, or " \
                    f"give --overwrite to replace it"
     elif os.path.isfile(os.path.join(cfg.out, "results.json")):

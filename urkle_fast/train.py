@@ -508,8 +508,9 @@ def setup(cfg: TrainConfig) -> Run:
     if udist.rank() == 0:
         try:
             lock = claim_folder(cfg.out_dir)  # before anything there is read or written
-        except ValueError as exc:
-            refused = str(exc)
+        except Exception as exc:  # in use, or the lock file cannot be opened / locked (permissions, a filesystem)
+            refused = str(exc) if isinstance(exc, ValueError) else \
+                f"--out-dir {str(cfg.out_dir)!r}: cannot lock it ({type(exc).__name__}: {exc})"
     # every rank learns rank 0's answer and stops with its message: torchrun's agent would end them once rank 0
     # exits, but a launcher that starts each process itself (srun) would leave them waiting --dist-timeout in the
     # first collective that rank 0 never joins
@@ -658,7 +659,7 @@ def save(run: Run, loss: Optional[float], *, deferred: bool = False) -> Path:
             if run.step > run.saved_step:
                 # these weights have not been through a forward pass yet; the one on disk has (a periodic checkpoint
                 # is written only after its next step's loss came out finite, a resumed one by this run's first step)
-                keep_previous(run.ckpt_path)
+                _keep_previous(run)
             save_checkpoint(snapshot, run.ckpt_path)
     if not deferred:
         udist.barrier()
@@ -666,11 +667,27 @@ def save(run: Run, loss: Optional[float], *, deferred: bool = False) -> Path:
     return run.ckpt_path
 
 
-def write_pending(run: Run) -> None:
-    """The deferred checkpoint, now that a finite loss has been computed from its weights (rank 0 writes)."""
+def _keep_previous(run: Run) -> None:
+    """checkpoint.prev.pt before an unchecked save replaces checkpoint.pt; a failure here (a full disk) must not
+    stop the save itself, so it is a warning."""
+    try:
+        keep_previous(run.ckpt_path)
+    except OSError as exc:
+        print(f"warning: could not keep {run.ckpt_path} as {previous_path(run.ckpt_path)} before replacing it "
+              f"({exc}); saving anyway", file=sys.stderr)
+
+
+def write_pending(run: Run, *, checked: bool = True) -> None:
+    """The deferred checkpoint (rank 0 writes). ``checked``: a finite loss has been computed from its weights, so
+    the backup of an earlier unchecked save (checkpoint.prev.pt) is no longer needed and goes; otherwise (the
+    error-time save) the checkpoint it replaces is kept as that backup."""
     if run.pending is not None:
         step, snapshot = run.pending
+        if not checked:
+            _keep_previous(run)
         save_checkpoint(snapshot, run.ckpt_path)
+        if checked:
+            previous_path(run.ckpt_path).unlink(missing_ok=True)
         run.saved_step, run.pending = step, None
 
 
@@ -827,7 +844,7 @@ def _save_on_error(run: Run, loss: Optional[float], start: Optional[_StepStart] 
         return
     if run.pending is not None and run.pending[0] == run.step and run.ctx.is_main:
         try:
-            write_pending(run)
+            write_pending(run, checked=False)
             print(f"error at step {run.step}: saved the checkpoint of that step to {run.ckpt_path}; fix the cause "
                   f"and continue with --resume", file=sys.stderr)
         except Exception as exc:
@@ -897,6 +914,7 @@ def train(cfg: TrainConfig) -> dict:
         return _finished(cfg, str(done))
     cfg, hp = run.cfg, LossParams.of(run.cfg)
     last_loss = first_loss = start = None
+    first_step = run.step  # a resumed run's first step is the one that checks the weights it resumed from
     stopping = False  # every rank agrees on it (all-reduced with the loss each step)
     run.model.train()
     batches = forever(run.loader) if run.step < run.end_step else iter(())
@@ -921,7 +939,8 @@ def train(cfg: TrainConfig) -> dict:
                         + (f"; this run resumed from it, and if it was a final or stop-time save (weights not yet "
                            f"through a forward pass) the one before it is kept: continue from that one in a new "
                            f"folder with --resume {previous_path(run.ckpt_path)} --out-dir <new folder>"
-                           if cfg.resume and previous_path(run.ckpt_path).exists() else "")
+                           if cfg.resume and run.step == first_step and previous_path(run.ckpt_path).exists()
+                           else "")
                         + ". Lower --base-lr or --beta-robust, or raise --sigma-min")
                 write_pending(run)  # the weights of the last periodic checkpoint gave a finite loss
                 if start is not None:

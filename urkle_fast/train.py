@@ -39,10 +39,9 @@ import torch
 import torch.nn as nn
 
 from urkle_fast import distributed as udist
-from urkle_fast.checkpoint import (CheckpointError, checkpoint_bytes, claim_folder, load_checkpoint, load_model,
-                                   keep_previous, non_finite_entries, previous_path, release_folder, remove_stale_temp_files,
-                                   save_checkpoint, unwrap,
-                                   write_text_atomic)
+from urkle_fast.checkpoint import (CheckpointError, checkpoint_bytes, claim_folder, keep_previous, load_checkpoint,
+                                   load_model, non_finite_entries, previous_path, release_folder,
+                                   remove_stale_temp_files, save_checkpoint, unwrap, write_text_atomic)
 from urkle_fast.cli import config_from, flag as _flag, given_fields, opt, parser_for
 from urkle_fast.data import INFO, BadImageError, DataRootError, InMemoryDataset, LazyViews, load_dataset, num_classes_of
 from urkle_fast.data.loader import TorchMultiView, forever, make_train_loader, resolve_loader

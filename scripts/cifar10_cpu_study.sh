@@ -76,15 +76,15 @@ done
 case "$PHASE" in all|train|select|eval|report) ;;
   *) echo "PHASE must be all, train, select, eval or report, got '$PHASE'" >&2; exit 2 ;; esac
 words() { tr -s ' \t' '\n' <<< "$1" | grep -v '^$' | sort | tr '\n' ' '; }  # a list, order and spacing aside
-for m in $METHODS; do
-  [[ " $ALL_METHODS " == *" $m "* ]] || { echo "METHODS: each one of $ALL_METHODS, got '$m'" >&2; exit 2; }
-done
+one_of() {  # one_of <variable> <allowed> <its value>: every word of the value is allowed
+  local m; for m in $3; do
+    [[ " $2 " == *" $m "* ]] || { echo "$1: each one of $2, got '$m'" >&2; exit 2; }
+  done
+}
+one_of METHODS "$ALL_METHODS" "$METHODS"
 [ -n "${METHODS// }" ] || { echo "METHODS: at least one of $ALL_METHODS" >&2; exit 2; }
-REPORT_METHODS="simclr_urkle rocl simclr trades at standard"  # the report's names (urkle is simclr_urkle there)
-for m in $PRIOR_METHODS; do
-  [[ " $REPORT_METHODS " == *" $m "* ]] || {
-    echo "PRIOR_METHODS: each one of $REPORT_METHODS (the report's names), got '$m'" >&2; exit 2; }
-done
+# the report's names (urkle is simclr_urkle there)
+one_of PRIOR_METHODS "simclr_urkle rocl simclr trades at standard" "$PRIOR_METHODS"
 writes_report() { [ "$PHASE" = all ] || [ "$PHASE" = report ]; }
 if writes_report && [ -n "$PRIOR" ] && [ ! -f "$PRIOR" ]; then
   echo "PRIOR: no such file '$PRIOR' (an earlier report's summary.json)" >&2; exit 2

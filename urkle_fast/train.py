@@ -852,15 +852,13 @@ def _save_on_error(run: Run, loss: Optional[float], start: Optional[_StepStart] 
     if run.step <= run.saved_step:
         return
     if start is not None and start.step == run.step:  # the error came inside this step
-        if start.updating:
-            print(f"error in the optimiser step of step {run.step}: the weights may be half updated, so the last "
-                  f"checkpoint stays ({run.ckpt_path if run.ckpt_path.exists() else 'none was written yet'}, step "
-                  f"{run.saved_step}); fix the cause and continue with --resume", file=sys.stderr)
-            return
-        if not isinstance(run.loader, TorchMultiView):
-            print(f"error in step {run.step}: DALI's loader cannot be rewound to that step's batch, so the last "
-                  f"checkpoint stays ({run.ckpt_path if run.ckpt_path.exists() else 'none was written yet'}, step "
-                  f"{run.saved_step}); fix the cause and continue with --resume", file=sys.stderr)
+        why = ("in the optimiser step: the weights may be half updated" if start.updating else
+               "DALI's loader cannot be rewound to that step's batch" if not isinstance(run.loader, TorchMultiView)
+               else None)
+        if why:
+            kept = run.ckpt_path if run.ckpt_path.exists() else "none was written yet"
+            print(f"error in step {run.step}, {why}, so the last checkpoint stays ({kept}, step {run.saved_step}); "
+                  f"fix the cause and continue with --resume", file=sys.stderr)
             return
         start.restore(run)
     try:

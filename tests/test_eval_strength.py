@@ -585,7 +585,7 @@ def test_an_interrupted_evaluation_resumes_after_its_last_finished_attack(tmp_pa
     calls.clear()
     with pytest.raises(ValueError, match=r"holds another evaluation \(it differs in --attack-steps\)"):
         evaluate_models(models, replace(cut, attack_steps=3), splits=digits)
-    with pytest.raises(ValueError, match=r"differs in the models \(names or weights\)"):
+    with pytest.raises(ValueError, match=r"differs in the models \(names, weights or configuration"):
         evaluate_models({"std": models["std"]}, cut, splits=digits)
     assert not calls and json.loads((tmp_path / "cut" / "results.json").read_text()) == on_disk
     with pytest.warns(UserWarning, match="another evaluation's progress"):

@@ -101,6 +101,7 @@ fi
 mkdir -p "$OUT/logs"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 touch "$OUT/times.tsv"
+STUDY_START=$(wc -l < "$OUT/times.tsv")  # the steps finished before this study began
 EPS="0.031372549 0.062745098"            # 8/255, 16/255
 
 COMMON=(--dataset cifar10 --data-root "$DATA_ROOT" --arch resnet18_w16 --batch-size "$BATCH" --optimizer adamw
@@ -114,6 +115,12 @@ timed() {  # timed <step> <command...>: log (appended: a resumed step keeps its 
   if ! flock -n 9; then
     echo "$1 is running in another process (lock $OUT/logs/$1.lock): not started twice" >&2
     return 75
+  fi
+  # queued before another study on the same OUT ran it to the end: done, not run again (only a finish since this
+  # study began: an evaluation whose results.json was lost is queued again on purpose, and must run)
+  if awk -F'\t' -v s="$1" -v n="$STUDY_START" 'NR > n && $1 == s && $3 == "0" {f = 1} END {exit !f}' \
+      "$OUT/times.tsv"; then
+    echo "$1 was finished by another process: not run again" >&2; return 0
   fi
   "${@:2}" >> "$OUT/logs/$1.log" 2>&1 || rc=$?
   printf '%s\t%s\t%s\n' "$1" "$(( $(date +%s) - t0 ))" "$rc" >> "$OUT/times.tsv"
@@ -291,7 +298,7 @@ eval_stage() {  # eval_stage <tier> [rep|sup|extra]: 1 the all-label headline of
   pool "$cmds"
 }
 
-export -f timed; export OUT PY
+export -f timed; export OUT PY STUDY_START
 # in order of what the table needs most: the headline of every seed first, then the representations' label
 # budgets (the ordering the paper claims), then the supervised models of the label budgets (the rest of Table 2),
 # then Proposition 1 and the task (tables of their own)

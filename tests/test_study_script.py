@@ -189,3 +189,23 @@ def test_methods_runs_only_the_named_methods_steps(tmp_path):
     # the cells OUT lacks come from PRIOR, for PRIOR_METHODS only
     assert ("--out results/cifar10_cpu --prior results/cifar10_cpu/summary.json --prior-methods rocl simclr"
             in r.stdout), r.stdout
+
+
+def test_a_step_another_study_finished_after_it_was_queued_is_not_run_again(tmp_path):
+    """Two studies on the same OUT each queue the steps not finished when they start. A step the other study
+    ran to the end while this one waited in its queue is skipped when its turn comes (before: run again,
+    rewriting its results). The stand-in for Python, run for the first training, records the second one as
+    finished by another process; `echo` is each step's command, so a step that ran has it in its log."""
+    out = tmp_path / "s"
+    stub = tmp_path / "py"
+    stub.write_text('#!/bin/bash\necho "$@"\n'
+                    'case "$*" in *at_s0*) printf "train_standard_s0\\t1\\t0\\n" >> "$OUT/times.tsv" ;; esac\n')
+    stub.chmod(0o755)
+    r = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PY": str(stub), "OUT": str(out), "SEEDS": "0", "PHASE": "train",
+                            "BUDGETS": "all", "METHODS": "at standard", "LANES": "1"})
+    assert r.returncode == 0, r.stderr
+    assert _steps(out) == ["train_standard_s0", "train_at_s0"]  # the other study's line, written during at_s0
+    assert "train_standard_s0 was finished by another process: not run again" in r.stderr
+    assert "--out-dir" in (out / "logs" / "train_at_s0.log").read_text()
+    assert not (out / "logs" / "train_standard_s0.log").exists()

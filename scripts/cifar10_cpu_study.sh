@@ -118,10 +118,7 @@ timed() {  # timed <step> <command...>: log (appended: a resumed step keeps its 
   fi
   # queued before another study on the same OUT ran it to the end: done, not run again (only a finish since this
   # study began: an evaluation whose results.json was lost is queued again on purpose, and must run)
-  if awk -F'\t' -v s="$1" -v n="$STUDY_START" 'NR > n && $1 == s && $3 == "0" {f = 1} END {exit !f}' \
-      "$OUT/times.tsv"; then
-    echo "$1 was finished by another process: not run again" >&2; return 0
-  fi
+  if finished "$1" "$STUDY_START"; then echo "$1 was finished by another process: not run again" >&2; return 0; fi
   "${@:2}" >> "$OUT/logs/$1.log" 2>&1 || rc=$?
   printf '%s\t%s\t%s\n' "$1" "$(( $(date +%s) - t0 ))" "$rc" >> "$OUT/times.tsv"
   [ "$rc" = 0 ] || echo "$1 failed (exit $rc): $OUT/logs/$1.log" >&2
@@ -130,8 +127,8 @@ timed() {  # timed <step> <command...>: log (appended: a resumed step keeps its 
 
 wanted() { [[ " $METHODS " == *" $1 "* ]]; }  # wanted <method>: its steps run in this study
 
-finished() {  # finished <step>: its last try ended with exit status 0
-  awk -F'\t' -v s="$1" '$1 == s {rc = $3} END {exit !(rc == "0")}' "$OUT/times.tsv"
+finished() {  # finished <step> [n]: its last try (after times.tsv's first n lines) ended with exit status 0
+  awk -F'\t' -v s="$1" -v n="${2:-0}" 'NR > n && $1 == s {rc = $3} END {exit !(rc == "0")}' "$OUT/times.tsv"
 }
 
 FAILED=0
@@ -298,7 +295,7 @@ eval_stage() {  # eval_stage <tier> [rep|sup|extra]: 1 the all-label headline of
   pool "$cmds"
 }
 
-export -f timed; export OUT PY STUDY_START
+export -f timed finished; export OUT PY STUDY_START
 # in order of what the table needs most: the headline of every seed first, then the representations' label
 # budgets (the ordering the paper claims), then the supervised models of the label budgets (the rest of Table 2),
 # then Proposition 1 and the task (tables of their own)

@@ -172,12 +172,13 @@ def _gradient_cache(model, method: Method, crops: Tensor, hp: LossParams, beta: 
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's refusal (a RuntimeError, e.g. "DefaultCPUAllocator:
-    can't allocate memory: you tried to allocate 2470445056 bytes")."""
+    can't allocate memory: you tried to allocate 2470445056 bytes"), or a CPU kernel's own workspace refused
+    ("posix_memalign failed:Cannot allocate memory (12)", ENOMEM's text: seen in a convolution under a 100 MB cap)."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text
-                                              or "std::bad_alloc" in text)
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        t in text for t in ("can't allocate memory", "cannot allocate memory", "not enough memory", "std::bad_alloc"))
 
 
 class StepSnapshot:
